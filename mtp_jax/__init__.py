@@ -1,0 +1,1 @@
+"""mtp_jax: multi-token-prediction language models in JAX/Flax."""

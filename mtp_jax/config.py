@@ -1,0 +1,337 @@
+"""Typed run configuration: dataclasses loaded from YAML plus `dotted.key=value` overrides.
+
+Every field is validated before anything compiles, and every problem is one
+`ConfigError` line that names the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration or input error: one line, names the value and the fix."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Transformer shape. `n_layers` is the TOTAL depth: the trunk gets n_layers - (mtp_heads - 1)."""
+
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    d_model: int = 256
+    n_layers: int = 4
+    attn_heads: int = 4
+    kv_heads: int = 0  # 0 = attn_heads (no grouping)
+    head_dim: int = 0  # 0 = d_model // attn_heads
+    d_ff: int = 0  # 0 = SwiGLU default, 8/3 d_model rounded up to a multiple of 64
+    mtp_heads: int = 4  # n: head i predicts token t+i
+    head_type: str = "transformer"  # transformer | linear
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    remat: str = "none"  # none | full | dots  (per trunk block)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+    @property
+    def trunk_layers(self) -> int:
+        return self.n_layers - (self.mtp_heads - 1)
+
+    @property
+    def kv_heads_(self) -> int:
+        return self.kv_heads or self.attn_heads
+
+    @property
+    def head_dim_(self) -> int:
+        return self.head_dim or self.d_model // self.attn_heads
+
+    @property
+    def d_ff_(self) -> int:
+        return self.d_ff or -(-int(8 * self.d_model / 3) // 64) * 64
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay, global-norm clipping, warmup then cosine decay."""
+
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    final_lr_ratio: float = 0.03
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where text comes from and how it becomes windows of seq_len + mtp_heads tokens."""
+
+    source: str = "stdlib"  # stdlib | files | jsonl | arrayrecord
+    path: str = ""  # folder, glob, .jsonl file or ArrayRecord glob (unused for stdlib)
+    text_field: str = "text"  # JSONL field holding the document
+    tokenizer: str = "bytes"  # bytes | bpe
+    bpe_vocab_size: int = 4096
+    val_fraction: float = 0.05
+    max_bytes: int = 0  # cap on corpus bytes read (0 = all); keeps tiny runs fast
+    shuffle_seed: int = 0
+    worker_count: int = 0  # Grain worker processes (0 = in-process)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh. -1 = the rest of the devices. dcn_* multiply across slices/hosts."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    # logical axis -> mesh axes; a logical axis not listed is replicated.
+    rules: list = dataclasses.field(
+        default_factory=lambda: [
+            ["batch", ["data", "fsdp"]],
+            ["embed", ["fsdp"]],
+            ["mlp", ["tensor"]],
+            ["q_heads", ["tensor"]],
+            ["kv_heads", ["tensor"]],
+            ["vocab", ["tensor"]],
+        ]
+    )
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    """jax.distributed settings; empty/-1 values are auto-detected (TPU pod, SLURM) or single-process."""
+
+    coordinator_address: str = ""
+    num_processes: int = -1
+    process_id: int = -1
+    initialization_timeout: int = 300
+    heartbeat_timeout: int = 60  # seconds before a silent peer is declared dead
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training loop."""
+
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 8  # global sequences per step
+    seq_len: int = 256  # T: each window holds T + mtp_heads tokens
+    micro_batches: int = 1  # gradient accumulation
+    seed: int = 0
+    loss_weights: list = dataclasses.field(default_factory=list)  # per head; empty = all 1
+    ce_chunk: int = 512  # sequence positions per cross-entropy chunk
+    step_impl: str = "flat"  # flat (memory-flat heads) | naive (all logits at once)
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    tensorboard: bool = True
+    progress: bool = True
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the device kind
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    "model.head_type": ("transformer", "linear"),
+    "model.remat": ("none", "full", "dots"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.source": ("stdlib", "files", "jsonl", "arrayrecord"),
+    "data.tokenizer": ("bytes", "bpe"),
+    "train.step_impl": ("flat", "naive"),
+}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{match[0]}'?)" if match else f" (known: {', '.join(options)})"
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Converts a YAML/CLI value to the field's type, or raises a ConfigError naming it."""
+    if isinstance(typ, str):
+        typ = eval(typ, {"list": list, "int": int, "float": float, "str": str, "bool": bool})  # noqa: S307
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number") from None
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not a number; give e.g. 3e-4") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}={value!r} is not a string")
+        return str(value)
+    if typ is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} is not a list; write it as [a, b, ...]")
+        return value
+    if isinstance(typ, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")
+    return value
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    names = [f.name for f in dataclasses.fields(obj)]
+    hints = {f.name: f.type for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'{_closest(key, names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{full}' is a section; set its fields as {full}.<field>=value")
+            _apply(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _override_to_dict(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} has no '='; write it as section.key=value")
+    dotted, raw = item.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw != "" else ""
+    for part in reversed(dotted.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML experiment file, applies `a.b=c` overrides, validates the result."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as experiments/quickstart.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(loaded).__name__}")
+        _apply(cfg, loaded)
+    for item in overrides:
+        _apply(cfg, _override_to_dict(item))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuilds a Config from `to_dict` output (e.g. a run's saved config.yaml)."""
+    cfg = Config()
+    _apply(cfg, d)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Shape and range checks that would otherwise surface as errors deep inside JAX."""
+    for key, options in _CHOICES.items():
+        section, field = key.split(".")
+        value = getattr(getattr(cfg, section), field)
+        _check(value in options, f"{key}={value!r} is not one of {', '.join(options)}")
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    _check(m.mtp_heads >= 1, f"model.mtp_heads={m.mtp_heads} must be >= 1 (1 = plain next-token model)")
+    _check(
+        m.trunk_layers >= 1,
+        f"model.n_layers={m.n_layers} leaves no trunk for model.mtp_heads={m.mtp_heads}; "
+        f"set n_layers >= {m.mtp_heads} (the trunk gets n_layers - (mtp_heads - 1) blocks)",
+    )
+    for name in ("d_model", "attn_heads"):
+        _check(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
+    _check(
+        m.head_dim > 0 or m.d_model % m.attn_heads == 0,
+        f"model.d_model={m.d_model} is not divisible by model.attn_heads={m.attn_heads}; change one or set model.head_dim",
+    )
+    _check(
+        m.attn_heads % m.kv_heads_ == 0,
+        f"model.attn_heads={m.attn_heads} is not a multiple of model.kv_heads={m.kv_heads}; pick kv_heads dividing it",
+    )
+    _check(m.head_dim_ % 2 == 0, f"head dimension {m.head_dim_} must be even for rotary embeddings; change model.head_dim")
+    _check(m.vocab_size >= 0, f"model.vocab_size={m.vocab_size} must be >= 0 (0 = from the tokenizer)")
+    _check(
+        t.seq_len >= 2 * m.mtp_heads,
+        f"train.seq_len={t.seq_len} is too short for model.mtp_heads={m.mtp_heads}; use seq_len >= {2 * m.mtp_heads}",
+    )
+    _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
+    _check(t.micro_batches >= 1, f"train.micro_batches={t.micro_batches} must be >= 1")
+    _check(
+        t.batch_size % t.micro_batches == 0,
+        f"train.batch_size={t.batch_size} is not divisible by train.micro_batches={t.micro_batches}",
+    )
+    _check(t.ce_chunk >= 1, f"train.ce_chunk={t.ce_chunk} must be >= 1")
+    _check(
+        not t.loss_weights or len(t.loss_weights) == m.mtp_heads,
+        f"train.loss_weights has {len(t.loss_weights)} entries but model.mtp_heads={m.mtp_heads}; give one per head or []",
+    )
+    _check(all(isinstance(w, (int, float)) for w in t.loss_weights), f"train.loss_weights={t.loss_weights} must be numbers")
+    _check(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
+    _check(t.checkpoint_every >= 1, f"train.checkpoint_every={t.checkpoint_every} must be >= 1")
+    _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
+    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(0 <= o.final_lr_ratio <= 1, f"optim.final_lr_ratio={o.final_lr_ratio} must be in [0, 1]")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    _check(
+        cfg.data.source == "stdlib" or cfg.data.path.strip() != "",
+        f"data.path is empty but data.source={cfg.data.source!r} needs it; set data.path=/path/to/data",
+    )
+    for rule in cfg.mesh.rules:
+        _check(
+            isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str),
+            f"mesh.rules entry {rule!r} must be [logical_axis, [mesh_axis, ...]]",
+        )
