@@ -22,7 +22,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Transformer shape. `n_layers` is the TOTAL depth: the trunk gets n_layers - (mtp_heads - 1)."""
+    """Transformer shape. `n_layers` is the TOTAL depth, trunk plus head blocks (parameter matching).
+
+    As in the paper (7B: 32 layers, n=4 -> 28 trunk + 4 head layers), transformer heads take
+    `mtp_heads` blocks from the total, so n=1 is a plain n_layers-deep next-token model whose
+    last block is head 1. Linear heads take no blocks.
+    """
 
     vocab_size: int = 0  # 0 = take it from the tokenizer
     d_model: int = 256
@@ -42,7 +47,7 @@ class ModelConfig:
 
     @property
     def trunk_layers(self) -> int:
-        return self.n_layers - (self.mtp_heads - 1)
+        return self.n_layers - (self.mtp_heads if self.head_type == "transformer" else 0)
 
     @property
     def kv_heads_(self) -> int:
@@ -288,7 +293,7 @@ def validate(cfg: Config) -> None:
     _check(
         m.trunk_layers >= 1,
         f"model.n_layers={m.n_layers} leaves no trunk for model.mtp_heads={m.mtp_heads}; "
-        f"set n_layers >= {m.mtp_heads} (the trunk gets n_layers - (mtp_heads - 1) blocks)",
+        f"set n_layers >= {m.n_layers - m.trunk_layers + 1} (transformer heads take mtp_heads of the n_layers blocks)",
     )
     for name in ("d_model", "attn_heads"):
         _check(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")

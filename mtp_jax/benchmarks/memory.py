@@ -1,0 +1,89 @@
+"""Peak temporary memory of the loss-and-gradient computation, flat vs naive, for n = 1, 2, 4, 8.
+
+Deterministic figures from XLA's compiled `memory_analysis()` (temp buffers), plus the median
+wall-clock of one loss-and-gradient call at n = 4 for both paths, measured in the same run.
+Prints one JSON object as its last line.
+
+    python -m mtp_jax.benchmarks.memory [--heads 1,2,4,8] [--d-model 512] [--seq 1024] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.config import ModelConfig
+from mtp_jax.loss import loss_weights, mtp_loss
+from mtp_jax.model.transformer import MTP
+
+
+def compiled_step(cfg: ModelConfig, impl: str, batch: int, seq: int, chunk: int):
+    """(compiled value_and_grad, params, batch) for one head count and loss path."""
+    mtp = MTP(cfg)
+    weights = loss_weights(cfg.mtp_heads)
+    grad_fn = jax.jit(
+        jax.value_and_grad(lambda p, b: mtp_loss(mtp, p, b, weights, chunk, impl), has_aux=True)
+    )
+    params = jax.eval_shape(mtp.init, jax.random.key(0))
+    shape = (batch, seq + cfg.mtp_heads)
+    data = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32), "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32)}
+    return grad_fn.lower(params, data).compile(), mtp
+
+
+def median_seconds(compiled, mtp: MTP, cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float:
+    params = jax.jit(mtp.init)(jax.random.key(0))
+    shape = (batch, seq + cfg.mtp_heads)
+    data = {
+        "tokens": jax.random.randint(jax.random.key(1), shape, 0, cfg.vocab_size, jnp.int32),
+        "segment_ids": jnp.ones(shape, jnp.int32),
+    }
+    jax.block_until_ready(compiled(params, data))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, data))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heads", default="1,2,4,8")
+    ap.add_argument("--trunk-layers", type=int, default=2)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--attn-heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--time-heads", type=int, default=4, help="head count for the timing comparison (0 = skip)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    def model_cfg(n: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=args.vocab, d_model=args.d_model, n_layers=args.trunk_layers + n,
+            attn_heads=args.attn_heads, mtp_heads=n,
+        )
+
+    result: dict = {"flat": {}, "naive": {}, "seconds": {}}
+    for n in [int(h) for h in args.heads.split(",")]:
+        for impl in ("flat", "naive"):
+            compiled, mtp = compiled_step(model_cfg(n), impl, args.batch, args.seq, args.chunk)
+            result[impl][str(n)] = compiled.memory_analysis().temp_size_in_bytes
+            print(f"n={n} {impl:5s} temp={result[impl][str(n)] / 2**20:9.1f} MiB", flush=True)
+            if n == args.time_heads:
+                secs = median_seconds(compiled, mtp, model_cfg(n), args.batch, args.seq, args.repeats)
+                result["seconds"][f"{impl}{n}"] = secs
+                print(f"n={n} {impl:5s} median {secs:.2f} s per loss-and-gradient call", flush=True)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The multi-token loss, computed so that activation memory is flat in the number of heads.
+
+L = sum_i w_i * mean_t CE(head_i(z_t), x_{t+i}), the paper's unweighted sum when w_i = 1.
+Batches hold windows of T + n tokens so every head has T targets; `segment_ids` (0 = padding)
+mask targets in another document.
+
+Two tricks keep memory flat (`flat` path), both as `custom_vjp`s whose forward computes the
+gradient in the same pass and whose backward only scales it by the incoming cotangent:
+- `chunked_xent`: cross-entropy over sequence chunks; only one (B, chunk, V) logits block is
+  ever live, never a (B, T, V) float32 tensor.
+- `heads_loss`: a lax.scan over the stacked head parameters that runs head i's forward AND
+  backward (`jax.vjp`) in iteration i, accumulating the gradient at the trunk output, exactly
+  the paper's order of operations. Nothing is recomputed.
+The `naive` path materialises every head's logits and uses plain autodiff (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.model.heads import head_slice, mask_for_head, targets_for_head
+from mtp_jax.model.transformer import MTP, Params
+
+Metrics = dict[str, jax.Array]
+
+
+def chunk_size(length: int, requested: int) -> int:
+    """Largest divisor of the sequence length not above the requested chunk (no padding copies)."""
+    return max(c for c in range(1, min(length, requested) + 1) if length % c == 0)
+
+
+def _chunked(x_BT: jax.Array, c: int) -> jax.Array:
+    """(B, T, ...) -> (T/c, B, c, ...), the scan axis first."""
+    b, t = x_BT.shape[:2]
+    return x_BT.reshape(b, t // c, c, *x_BT.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunked(x_NBC: jax.Array) -> jax.Array:
+    n, b, c = x_NBC.shape[:3]
+    return x_NBC.swapaxes(0, 1).reshape(b, n * c, *x_NBC.shape[3:])
+
+
+def _chunk_logits(h_BCD, w_DV, t_BC, m_BC):
+    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV.astype(h_BCD.dtype), preferred_element_type=jnp.float32)
+    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    target_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+    m_BC = m_BC.astype(jnp.float32)
+    loss = jnp.sum((lse_BC - target_BC) * m_BC)
+    correct = jnp.sum((jnp.argmax(logits_BCV, axis=-1) == t_BC) * m_BC)
+    return logits_BCV, lse_BC, loss, correct
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def chunked_xent(h_BTD: jax.Array, w_DV: jax.Array, t_BT: jax.Array, m_BT: jax.Array, chunk: int):
+    """(sum of masked token cross-entropies, number of correct top-1 predictions)."""
+    c = chunk_size(h_BTD.shape[1], chunk)
+
+    def body(acc, xs):
+        _, _, loss, correct = _chunk_logits(xs[0], w_DV, xs[1], xs[2])
+        return (acc[0] + loss, acc[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss, correct), _ = jax.lax.scan(body, (zero, zero), (_chunked(h_BTD, c), _chunked(t_BT, c), _chunked(m_BT, c)))
+    return loss, correct
+
+
+def _xent_fwd(h_BTD, w_DV, t_BT, m_BT, chunk):
+    c = chunk_size(h_BTD.shape[1], chunk)
+    dt = h_BTD.dtype
+
+    def body(acc, xs):
+        h_BCD, t_BC, m_BC = xs
+        logits_BCV, lse_BC, loss, correct = _chunk_logits(h_BCD, w_DV, t_BC, m_BC)
+        dlogits_BCV = jnp.exp(logits_BCV - lse_BC[..., None]) - jax.nn.one_hot(t_BC, w_DV.shape[1], dtype=jnp.float32)
+        dlogits_BCV = (dlogits_BCV * m_BC[..., None].astype(jnp.float32)).astype(dt)
+        dh_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, w_DV.astype(dt))
+        dw_DV = acc[2] + jnp.einsum("bcd,bcv->dv", h_BCD, dlogits_BCV, preferred_element_type=jnp.float32)
+        return (acc[0] + loss, acc[1] + correct, dw_DV), dh_BCD
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, zero, jnp.zeros(w_DV.shape, jnp.float32))
+    (loss, correct, dw_DV), dh = jax.lax.scan(body, init, (_chunked(h_BTD, c), _chunked(t_BT, c), _chunked(m_BT, c)))
+    return (loss, correct), (_unchunked(dh), dw_DV.astype(w_DV.dtype))
+
+
+def _xent_bwd(chunk, res, g):
+    dh_BTD, dw_DV = res
+    g_loss = g[0]
+    return (g_loss.astype(dh_BTD.dtype) * dh_BTD, g_loss * dw_DV, None, None)
+
+
+chunked_xent.defvjp(_xent_fwd, _xent_bwd)
+
+
+def _positions(b: int, t: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def _one_head_loss(mtp: MTP, chunk: int, hp: Params, shared: Params, z_BTD, tokens_BL, segments_BL, i):
+    """Head i (0-based) predicts tokens t + i + 1: (mean CE, top-1 accuracy)."""
+    b, t = z_BTD.shape[:2]
+    h_BTD, _ = mtp.head(hp, z_BTD, _positions(b, t), segments_BL[:, :t])
+    hn_BTD = mtp.final_norm(shared, h_BTD)
+    mask_BT = mask_for_head(segments_BL, i + 1, t)
+    loss, correct = chunked_xent(hn_BTD, shared["unembed"], targets_for_head(tokens_BL, i + 1, t), mask_BT, chunk)
+    count = jnp.maximum(jnp.sum(mask_BT), 1).astype(jnp.float32)
+    return loss / count, correct / count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def heads_loss(mtp: MTP, chunk: int, heads: Params, shared: Params, z_BTD, tokens_BL, segments_BL, weights_N):
+    """Forward-only path (evaluation): one head at a time, chunked cross-entropy."""
+
+    def body(_, xs):
+        hp, i = xs
+        return None, _one_head_loss(mtp, chunk, hp, shared, z_BTD, tokens_BL, segments_BL, i)
+
+    _, (losses, accs) = jax.lax.scan(body, None, (heads, jnp.arange(weights_N.shape[0])))
+    return jnp.sum(weights_N * losses), {"loss": losses, "accuracy": accs}
+
+
+def _heads_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights_N):
+    f32 = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+    def body(carry, xs):
+        dz_BTD, dshared = carry
+        hp, i, w = xs
+        head = lambda hp_, sh_, z_: _one_head_loss(mtp, chunk, hp_, sh_, z_, tokens_BL, segments_BL, i)
+        loss, vjp, acc = jax.vjp(head, hp, shared, z_BTD, has_aux=True)
+        dhp, dsh, dz = vjp(w.astype(loss.dtype))
+        dshared = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), dshared, dsh)
+        return (dz_BTD + dz.astype(jnp.float32), dshared), (dhp, loss, acc)
+
+    n = weights_N.shape[0]
+    (dz_BTD, dshared), (dheads, losses, accs) = jax.lax.scan(
+        body, (f32(z_BTD), f32(shared)), (heads, jnp.arange(n), weights_N)
+    )
+    out = (jnp.sum(weights_N * losses), {"loss": losses, "accuracy": accs})
+    dshared = jax.tree.map(lambda g, p: g.astype(p.dtype), dshared, shared)
+    return out, (dheads, dshared, dz_BTD.astype(z_BTD.dtype))
+
+
+def _heads_bwd(mtp, chunk, res, g):
+    dheads, dshared, dz_BTD = res
+    scale = lambda tree: jax.tree.map(lambda x: (g[0] * x).astype(x.dtype), tree)
+    return scale(dheads), scale(dshared), scale(dz_BTD), None, None, None
+
+
+heads_loss.defvjp(_heads_fwd, _heads_bwd)
+
+
+def naive_heads_loss(mtp: MTP, heads: Params, shared: Params, z_BTD, tokens_BL, segments_BL, weights_N):
+    """Every head's full (B, T, V) logits at once, plain autodiff: memory O(n x T x V)."""
+    b, t = z_BTD.shape[:2]
+    losses, accs = [], []
+    for i in range(weights_N.shape[0]):
+        h_BTD, _ = mtp.head(head_slice(heads, i), z_BTD, _positions(b, t), segments_BL[:, :t])
+        logits_BTV = mtp.logits(shared, h_BTD)
+        targets_BT, mask_BT = targets_for_head(tokens_BL, i + 1, t), mask_for_head(segments_BL, i + 1, t)
+        logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), targets_BT[..., None], axis=-1)[..., 0]
+        count = jnp.maximum(jnp.sum(mask_BT), 1).astype(jnp.float32)
+        losses.append(-jnp.sum(logp_BT * mask_BT) / count)
+        accs.append(jnp.sum((jnp.argmax(logits_BTV, -1) == targets_BT) * mask_BT) / count)
+    losses, accs = jnp.stack(losses), jax.lax.stop_gradient(jnp.stack(accs))
+    return jnp.sum(weights_N * losses), {"loss": losses, "accuracy": accs}
+
+
+def mtp_loss(
+    mtp: MTP, params: Params, batch: dict[str, jax.Array], weights_N: jax.Array, chunk: int = 512, impl: str = "flat"
+) -> tuple[jax.Array, Metrics]:
+    """Training loss of one batch {'tokens', 'segment_ids'}: (B, T + n) each."""
+    tokens_BL, segments_BL = batch["tokens"], batch["segment_ids"]
+    b, t = tokens_BL.shape[0], tokens_BL.shape[1] - mtp.cfg.mtp_heads
+    z_BTD, _ = mtp.trunk(params, tokens_BL[:, :t], _positions(b, t), segments_BL[:, :t])
+    shared = mtp.shared(params)
+    if impl == "flat":
+        return heads_loss(mtp, chunk, params["heads"], shared, z_BTD, tokens_BL, segments_BL, weights_N)
+    return naive_heads_loss(mtp, params["heads"], shared, z_BTD, tokens_BL, segments_BL, weights_N)
+
+
+def loss_weights(n: int, weights: list | tuple = ()) -> jax.Array:
+    return jnp.asarray(weights if weights else [1.0] * n, jnp.float32)
+
+
+def as_metrics(loss: jax.Array, m: Metrics) -> dict[str, Any]:
+    """Flat scalar metrics: loss, loss/head_i, accuracy/head_i (1-based as in the paper)."""
+    out: dict[str, Any] = {"loss": loss}
+    for i in range(m["loss"].shape[0]):
+        out[f"loss/head_{i + 1}"] = m["loss"][i]
+        out[f"accuracy/head_{i + 1}"] = m["accuracy"][i]
+    return out

@@ -1,0 +1,101 @@
+"""The n prediction heads: parameters stacked on a leading head axis, applied one at a time.
+
+A head kind maps the trunk output z to head i's hidden state h_i; the shared final norm and
+unembedding (in `transformer.py`) turn h_i into logits for token t+i. New kinds (causal
+stacks, DeepSeek-style sequential modules) implement `HeadKind` without touching the trunk.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp_jax.config import ModelConfig
+from mtp_jax.model.layers import Block, KVCache, param
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, axis_name: str, rngs: nnx.Rngs) -> nnx.Module:
+    """Creates `count` independent copies with parameters stacked on a leading axis (vmapped init)."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: axis_name})
+    def create(r: nnx.Rngs) -> nnx.Module:
+        return make(r)
+
+    return create(rngs)
+
+
+class HeadKind(Protocol):
+    """What the trunk and the train step need from a head variant."""
+
+    uses_cache: bool
+
+    def create(self, rngs: nnx.Rngs) -> nnx.Module:
+        """All n heads, parameters stacked on axis 0."""
+
+    def apply(
+        self, params_i: dict, z_BTD: jax.Array, positions_BT: jax.Array, segments_BT: jax.Array | None, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Head i's hidden state from the trunk output, given head i's (unstacked) parameters."""
+
+
+class TransformerHeads:
+    """The paper's default: each head is one transformer block reading z (parallel heads)."""
+
+    uses_cache = True
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
+
+    def create(self, rngs: nnx.Rngs) -> nnx.Module:
+        return stacked(lambda r: Block(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
+
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache):
+        return nnx.merge(self.block_def, params_i)(z_BTD, positions_BT, segments_BT, cache)
+
+
+class LinearProjection(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kernel = param(rngs, (cfg.d_model, cfg.d_model), ("embed", None), cfg.init_std)
+
+
+class LinearHeads:
+    """Ablation from the paper: head i is a single d x d linear map before the shared unembedding."""
+
+    uses_cache = False
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    def create(self, rngs: nnx.Rngs) -> nnx.Module:
+        return stacked(lambda r: LinearProjection(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
+
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache):
+        return z_BTD @ params_i["kernel"].astype(z_BTD.dtype), cache
+
+
+HEAD_KINDS: dict[str, Callable[[ModelConfig], HeadKind]] = {"transformer": TransformerHeads, "linear": LinearHeads}
+
+
+def head_slice(heads_params: dict, i: int | jax.Array) -> dict:
+    """Head i's parameters out of the stacked tree."""
+    return jax.tree.map(lambda x: x[i], heads_params)
+
+
+def mask_for_head(segments_BL: jax.Array, offset: int | jax.Array, length: int) -> jax.Array:
+    """Head predicting t+offset trains at t only if t and t+offset are in the same (non-padding) document."""
+    here = segments_BL[:, :length]
+    there = jax.lax.dynamic_slice_in_dim(segments_BL, offset, length, axis=1)
+    return (here == there) & (there != 0)
+
+
+def targets_for_head(tokens_BL: jax.Array, offset: int | jax.Array, length: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(tokens_BL, offset, length, axis=1)
+
+
+def stack_caches(caches: list[KVCache]) -> KVCache:
+    return KVCache(*(jnp.stack(xs) for xs in zip(*caches)))

@@ -1,0 +1,132 @@
+"""Llama-style building blocks in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Every parameter carries logical axis names (`out_sharding` metadata) that `mtp_jax.sharding`
+maps onto the device mesh. Tensor names carry their shapes: B batch, T query positions,
+S key positions, D model width, H query heads, K kv heads, E head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp_jax.config import ModelConfig
+from mtp_jax.sharding import constrain
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float | None) -> nnx.Param:
+    """A float32 parameter with logical axes; std=None means ones (norm scales)."""
+    value = jnp.ones(shape, jnp.float32) if std is None else std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("norm",), None)
+        self.eps = eps
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x = x_BTD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...]).astype(x_BTD.dtype)
+
+
+def rope(x_BTHE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding on the two halves of the head dim (Llama/NeoX layout)."""
+    half = x_BTHE.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BT1E = (positions_BT[..., None].astype(jnp.float32) * freq)[:, :, None, :]
+    sin, cos = jnp.sin(angle_BT1E), jnp.cos(angle_BT1E)
+    x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHE.dtype)
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values of one block; slot s holds absolute position s."""
+
+    k_BSKE: jax.Array
+    v_BSKE: jax.Array
+
+
+def _write(cache_BSKE: jax.Array, new_BTKE: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Writes each sequence's new entries at its own offset (sequences advance at different rates)."""
+    write = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0)
+    return jax.vmap(write)(cache_BSKE, new_BTKE.astype(cache_BSKE.dtype), start_B)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, k, e = cfg.d_model, cfg.attn_heads, cfg.kv_heads_, cfg.head_dim_
+        std = cfg.init_std
+        self.wq = param(rngs, (d, h, e), ("embed", "q_heads", None), std)
+        self.wk = param(rngs, (d, k, e), ("embed", "kv_heads", None), std)
+        self.wv = param(rngs, (d, k, e), ("embed", "kv_heads", None), std)
+        self.wo = param(rngs, (h, e, d), ("q_heads", None, "embed"), std / (2 * cfg.n_layers) ** 0.5)
+        self.theta = cfg.rope_theta
+
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segments_BT: jax.Array | None,
+        cache: KVCache | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        dt = x_BTD.dtype
+        q = rope(jnp.einsum("btd,dhe->bthe", x_BTD, self.wq[...].astype(dt)), positions_BT, self.theta)
+        k = rope(jnp.einsum("btd,dke->btke", x_BTD, self.wk[...].astype(dt)), positions_BT, self.theta)
+        v = jnp.einsum("btd,dke->btke", x_BTD, self.wv[...].astype(dt))
+        q = constrain(q, ("batch", None, "q_heads", None))
+        if cache is None:
+            # Training: causal within the window and never across a document boundary.
+            mask_BTS = positions_BT[:, :, None] >= positions_BT[:, None, :]
+            if segments_BT is not None:
+                mask_BTS &= segments_BT[:, :, None] == segments_BT[:, None, :]
+        else:
+            # Decoding: slot s holds position s; slots past the query (stale drafts included) are masked.
+            start_B = positions_BT[:, 0]
+            cache = KVCache(_write(cache.k_BSKE, k, start_B), _write(cache.v_BSKE, v, start_B))
+            k, v = cache.k_BSKE.astype(dt), cache.v_BSKE.astype(dt)
+            slots_S = jnp.arange(k.shape[1])
+            mask_BTS = slots_S[None, None, :] <= positions_BT[:, :, None]
+        out_BTHE = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None, :, :])
+        out_BTD = jnp.einsum("bthe,hed->btd", out_BTHE, self.wo[...].astype(dt))
+        return out_BTD, cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, std = cfg.d_model, cfg.d_ff_, cfg.init_std
+        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), std)
+        self.w_up = param(rngs, (d, f), ("embed", "mlp"), std)
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        dt = x_BTD.dtype
+        gate_BTF = jax.nn.silu(x_BTD @ self.w_gate[...].astype(dt))
+        h_BTF = constrain(gate_BTF * (x_BTD @ self.w_up[...].astype(dt)), ("batch", None, "mlp"))
+        return h_BTF @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segments_BT: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        a_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segments_BT, cache)
+        x_BTD = x_BTD + a_BTD
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return constrain(x_BTD, ("batch", None, "embed")), cache
