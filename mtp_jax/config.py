@@ -31,7 +31,7 @@ class ModelConfig:
 
     vocab_size: int = 0  # 0 = take it from the tokenizer
     d_model: int = 256
-    n_layers: int = 4
+    n_layers: int = 6
     attn_heads: int = 4
     kv_heads: int = 0  # 0 = attn_heads (no grouping)
     head_dim: int = 0  # 0 = d_model // attn_heads
@@ -241,20 +241,36 @@ def _override_to_dict(item: str) -> dict:
     return value
 
 
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping; `include: other.yaml` (relative to this file) is merged first, this file on top."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as experiments/quickstart.yaml")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' includes itself; remove the include cycle")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(loaded).__name__}")
+    include = loaded.pop("include", None)
+    if include is None:
+        return loaded
+    return _merge(_read_yaml(path.parent / include, seen + (path.resolve(),)), loaded)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads a YAML experiment file, applies `a.b=c` overrides, validates the result."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as experiments/quickstart.yaml")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(loaded).__name__}")
-        _apply(cfg, loaded)
+        _apply(cfg, _read_yaml(Path(path)))
     for item in overrides:
         _apply(cfg, _override_to_dict(item))
     validate(cfg)

@@ -1,0 +1,68 @@
+"""Held-out evaluation: per-head loss, perplexity, bits per byte and top-1 accuracy."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterable[Any], n_heads: int, bytes_per_token: float) -> dict:
+    """Mean of per-batch metrics (batches are full windows, so batch means weigh tokens about equally)."""
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in batches:
+        metrics = jax.device_get(eval_step(params, batch))
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(np.asarray(value))
+        count += 1
+    if count == 0:
+        raise ValueError("no evaluation batches")
+    mean = {k: v / count for k, v in sums.items()}
+    heads = []
+    for i in range(1, n_heads + 1):
+        loss = mean[f"loss/head_{i}"]
+        heads.append(
+            {
+                "head": i,
+                "loss": loss,
+                "perplexity": math.exp(min(loss, 50.0)),
+                "bits_per_byte": loss / math.log(2) / bytes_per_token,
+                "accuracy": mean[f"accuracy/head_{i}"],
+            }
+        )
+    return {"loss": mean["loss"], "heads": heads, "batches": count}
+
+
+def format_table(result: dict, unigram: float | None = None) -> str:
+    """A plain-text table of held-out metrics per head, against the unigram baseline."""
+    lines = [f"{'head':>4}  {'predicts':>8}  {'loss':>8}  {'ppl':>9}  {'bits/byte':>9}  {'top-1':>6}"]
+    for h in result["heads"]:
+        lines.append(
+            f"{h['head']:>4}  {'t+' + str(h['head']):>8}  {h['loss']:8.4f}  {h['perplexity']:9.2f}  "
+            f"{h['bits_per_byte']:9.4f}  {h['accuracy']:6.3f}"
+        )
+    if unigram is not None:
+        lines.append(f"{'unigram baseline (nats/token)':>34}  {unigram:8.4f}")
+    return "\n".join(lines)
+
+
+def heldout_report(
+    cfg: Any, eval_step: Callable, params: Any, tokenizer: Any, run_dir: Path,
+    place: Callable[[dict], Any] = lambda b: b, process: tuple[int, int] = (0, 1),
+) -> dict:
+    """Evaluates the held-out split, adds the unigram baseline, prints the table and writes eval.json."""
+    from mtp_jax.data import pipeline
+
+    batches = pipeline.make_eval_batches(cfg, tokenizer, run_dir, cfg.train.eval_batches, *process)
+    stats = pipeline.corpus_stats(cfg, tokenizer, run_dir)
+    result = evaluate(eval_step, params, (place(b) for b in batches), cfg.model.mtp_heads, stats["val_bytes_per_token"])
+    result["unigram_baseline"] = pipeline.unigram_baseline(cfg, tokenizer, run_dir)
+    if process[0] == 0:
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        print(format_table(result, result["unigram_baseline"]), flush=True)
+    return result
