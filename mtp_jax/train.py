@@ -110,16 +110,21 @@ def train(cfg: Config) -> dict:
             state, metrics = fns.train_step(state, batch)
             step += 1
             window_steps += 1
+            if step == start + 1:  # keep compilation out of the throughput figures
+                jax.block_until_ready(metrics)
+                window_start, window_steps = time.perf_counter(), 0
             # Pull the previous step's metrics only after dispatching this one: the device never waits on Python.
             if pending is not None:
                 _report(pending, writer, bar)
                 pending = None
             if step % tcfg.log_every == 0 or step == tcfg.steps:
-                elapsed = time.perf_counter() - window_start
-                extra = {"lr": float(lr(step - 1)), "tokens_per_s": tokens_per_step * window_steps / elapsed,
-                         "flops_per_s": flops_per_step * window_steps / elapsed}
-                if peak:
-                    extra["mfu"] = extra["flops_per_s"] / peak
+                extra = {"lr": float(lr(step - 1))}
+                if window_steps:  # throughput of the steps since the last log (none right after compiling)
+                    elapsed = time.perf_counter() - window_start
+                    extra["tokens_per_s"] = tokens_per_step * window_steps / elapsed
+                    extra["flops_per_s"] = flops_per_step * window_steps / elapsed
+                    if peak:
+                        extra["mfu"] = extra["flops_per_s"] / peak
                 pending = (step, (metrics, extra))
                 window_start, window_steps = time.perf_counter(), 0
             ckpt.save(step, state, data_iter.get_state())
@@ -151,7 +156,7 @@ def _report(pending: tuple[int, Any], writer: MetricsWriter, bar: Any) -> None:
     writer.write(step, scalars)
     if bar is not None:
         bar.n = step
-        bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}", refresh=False)
+        bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars.get('tokens_per_s', 0):.0f}", refresh=False)
         bar.refresh()
 
 

@@ -1,0 +1,140 @@
+"""Tokenizers: raw UTF-8 bytes, or byte-level BPE trained locally (no downloads).
+
+A run saves its tokenizer in `RUN_DIR/tokenizer/` so that evaluation and decoding turn ids back
+into exactly the text the model was trained on. `tokenizer.json` there names the kind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+import numpy as np
+
+from mtp_jax.config import ConfigError, DataConfig
+
+META_FILE = "tokenizer.json"
+BPE_FILE = "bpe.json"
+EOT_TEXT = "<|endoftext|>"
+BPE_TRAIN_CHARS = 20_000_000  # more text barely changes the merges but costs minutes on 2 cores
+
+
+class Tokenizer(Protocol):
+    """What the pipeline, the trainer and decoding need from a tokenizer."""
+
+    vocab_size: int
+    eot_id: int
+    name: str  # "bytes" or "bpe-<requested vocab size>": what the config asked for
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """int32 ids per text; the packing fast path (no Python int lists for megabytes of text)."""
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def save(self, directory: str | Path) -> None: ...
+
+
+def _write_meta(directory: str | Path, meta: dict) -> Path:
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+    return path
+
+
+class ByteTokenizer:
+    """Ids 0..255 are UTF-8 bytes and 256 is end-of-text: nothing to train, nothing out of vocabulary."""
+
+    vocab_size = 257
+    eot_id = 256
+    name = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def save(self, directory: str | Path) -> None:
+        _write_meta(directory, {"kind": "bytes", "name": self.name})
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style) wrapping a Hugging Face `tokenizers.Tokenizer`."""
+
+    def __init__(self, hf_tokenizer: Any, name: str):
+        # The literal text "<|endoftext|>" inside a document stays text; only packing inserts EOT.
+        hf_tokenizer.encode_special_tokens = True
+        self._tok = hf_tokenizer
+        self.name = name
+        self.vocab_size = hf_tokenizer.get_vocab_size()
+        self.eot_id = hf_tokenizer.token_to_id(EOT_TEXT)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Model vocabularies may be padded past the tokenizer's: such ids carry no text.
+        keep = [int(i) for i in ids if 0 <= i < self.vocab_size and i != self.eot_id]
+        return self._tok.decode(keep, skip_special_tokens=True)
+
+    def save(self, directory: str | Path) -> None:
+        path = _write_meta(directory, {"kind": "bpe", "name": self.name})
+        self._tok.save(str(path / BPE_FILE))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """Trains byte-level BPE on the texts (at most BPE_TRAIN_CHARS of them, in order)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size <= 257:
+        raise ConfigError(f"data.bpe_vocab_size={vocab_size} leaves no room for merges; use e.g. 4096 (or data.tokenizer=bytes)")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(_capped(texts, BPE_TRAIN_CHARS), trainer=trainer)
+    return BPETokenizer(hf, f"bpe-{vocab_size}")
+
+
+def _capped(texts: Iterable[str], max_chars: int) -> Iterable[str]:
+    total = 0
+    for text in texts:
+        if total >= max_chars:
+            return
+        total += len(text)
+        yield text
+
+
+def expected_name(data_cfg: DataConfig) -> str:
+    """The tokenizer name a config asks for, to catch a run directory holding a different one."""
+    return "bytes" if data_cfg.tokenizer == "bytes" else f"bpe-{data_cfg.bpe_vocab_size}"
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Reads what `save` wrote."""
+    path = Path(directory)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise ConfigError(f"'{path}' holds no tokenizer ({META_FILE} missing); point at a run's or mtp-prepare's tokenizer/ folder")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") == "bytes":
+        return ByteTokenizer()
+    if meta.get("kind") == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_file(str(path / BPE_FILE)), meta["name"])
+    raise ConfigError(f"'{meta_path}' names an unknown tokenizer kind {meta.get('kind')!r}; expected bytes or bpe")
