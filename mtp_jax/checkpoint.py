@@ -1,0 +1,222 @@
+"""Orbax checkpoints of the train state plus the data-iterator state, safe against crashes mid-save.
+
+Layout: DIR/<step>/{state,data}/. Orbax writes DIR/<step>.orbax-checkpoint-tmp-<n>/ and renames it
+to DIR/<step>/ only once every file is written (on GCS: a `commit_success.txt` marks it instead),
+so a save killed midway leaves a temporary directory that Orbax never lists. A committed step
+whose files were damaged later is only found when reading it fails: restore then falls back to
+the next older step and moves the broken one to DIR/<step>.unreadable-<time>/ (never deleted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as policies
+
+from mtp_jax.config import ConfigError
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause's first line: Orbax wraps TensorStore errors in pages of spec dumps."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+    return f"{type(error).__name__}: {text[:400]}"
+
+
+@contextlib.contextmanager
+def _no_aborted_read_dumps() -> Iterator[None]:
+    """When one array read fails, Orbax 0.12.8 aborts the others and each prints 'Exception ignored in
+    <coroutine _read_array_index_and_device_put>' with a page of TensorStore spec; our warning says it in a line."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if "_read_array_index_and_device_put" in repr(u.object) else previous(u)
+    try:
+        yield
+    finally:
+        gc.collect()  # finalize the aborted reads while the filter is on
+        sys.unraisablehook = previous
+
+
+def _failed_processes(ok: bool) -> list[int]:
+    """Processes read different shards, so one may fail where the others succeed: all must agree."""
+    if jax.process_count() == 1:
+        return [] if ok else [0]
+    return [i for i, fine in enumerate(multihost_utils.process_allgather(np.asarray(ok))) if not fine]
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """Leaf path -> shape; namedtuple fields and dict keys compare equal (Orbax stores both as dicts)."""
+    name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(map(name, path)): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def _first_difference(saved: Any, target: Any) -> str | None:
+    """Checked before reading, so a different model config is a clear error rather than Orbax's."""
+    saved, target = _shapes(saved), _shapes(target)
+    for key in sorted(saved.keys() | target.keys()):
+        if key not in target:
+            return f"{key} is in the checkpoint but not in the model"
+        if key not in saved:
+            return f"{key} is in the model but not in the checkpoint"
+        if saved[key] != target[key]:
+            return f"{key} has shape {saved[key]} in the checkpoint, {target[key]} in the model"
+    return None
+
+
+class Checkpointer:
+    """Saves every `save_every` steps (or when forced), keeps the newest `keep`, restores the newest readable."""
+
+    def __init__(self, directory: str | Path, keep: int, save_every: int, async_save: bool = True):
+        local = "://" not in str(directory)  # Orbax needs absolute paths; train.run_dir is often relative
+        self.directory = epath.Path(Path(directory).absolute() if local else directory)
+        policy = policies.AnySavePolicy(  # no Orbax "initial save": step 1 is not a save step
+            [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]
+        )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self._swept = False
+
+    def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
+        """True if a save started. A step already saved is skipped (the final forced save after a periodic one)."""
+        latest = self._manager.latest_step()
+        if latest is not None and step <= latest:
+            return False
+        if not self._swept:
+            self._remove_unfinished()
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        return self._manager.save(step, args=args, force=force)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+        """(step, state, data_state) of `step` or the newest readable checkpoint; None if there is none.
+
+        `abstract_state` holds jax.ShapeDtypeStructs with the current shardings, which is what lets a
+        checkpoint written on one mesh be read onto another.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if step is not None:
+            return self._restore_given(abstract_state, step, steps)
+        self._warn_unfinished(steps[0] if steps else None)
+        broken: list[int] = []
+        for i, candidate in enumerate(steps):
+            restored, reason = self._attempt(candidate, abstract_state)
+            if restored is not None:
+                self._set_aside(broken)
+                return restored
+            older = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
+            _warn(f"checkpoint step {candidate} is unreadable ({reason}); {older}")
+            broken.append(candidate)
+        if steps:
+            raise ConfigError(
+                f"no readable checkpoint in {self.directory} (tried steps {steps}); "
+                f"move that directory away to start afresh, or restore a backup"
+            )
+        return None
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step that JAX's preemption service picked for every process to save at."""
+        return self._manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        """Blocks until async saves are on disk; call before exiting or the last save may be lost."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def _attempt(self, step: int, abstract_state: Any) -> tuple[tuple[int, Any, dict] | None, str]:
+        """(restored, "") or (None, why it failed), the same on every process."""
+        restored, reason = None, ""
+        with _no_aborted_read_dumps():  # outside the `except`, so the error and its coroutines are gone by the gc
+            try:
+                restored = self._restore_step(step, abstract_state)
+            except ConfigError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure to read makes the step unusable
+                reason = _reason(error)
+        failed = _failed_processes(restored is not None)
+        if failed and not reason:
+            reason = f"the read failed on process {', '.join(map(str, failed))}"
+        return (None, reason) if failed else (restored, "")
+
+    def _restore_step(self, step: int, abstract_state: Any) -> tuple[int, Any, dict]:
+        """Reads with Orbax's item handlers, not manager.restore: that ends in a cross-process barrier which
+        a process whose read failed would skip, so the processes' next collectives would not match."""
+        path = self.directory / str(step)
+        with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+            difference = _first_difference(handler.metadata(path / "state"), abstract_state)
+            if difference:
+                raise ConfigError(
+                    f"checkpoint at {self.directory} step {step} does not match this model ({difference}); "
+                    f"use a new train.run_dir or the same model config"
+                )
+            state = handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+        data = ocp.JsonCheckpointHandler().restore(path / "data", args=ocp.args.JsonRestore())
+        return step, state, data
+
+    def _restore_given(self, abstract_state: Any, step: int, steps: list[int]) -> tuple[int, Any, dict]:
+        """An explicitly requested step: no fallback, since the caller asked for exactly this one."""
+        if step not in steps:
+            raise ConfigError(f"no checkpoint at step {step} in {self.directory}; available steps: {sorted(steps)}")
+        restored, reason = self._attempt(step, abstract_state)
+        if restored is None:
+            raise ConfigError(
+                f"checkpoint step {step} in {self.directory} is unreadable ({reason}); pick another of {sorted(steps)}"
+            )
+        return restored
+
+    def _unfinished(self) -> list[epath.Path]:
+        return [p.get() for p in ocp.path.step.all_temporary_paths(self.directory)]
+
+    def _warn_unfinished(self, newest: int | None) -> None:
+        """A save killed midway is no checkpoint at all, but the user should know that progress was lost."""
+        for path in self._unfinished():
+            digits = re.match(r"\d+", path.name)
+            step = int(digits.group()) if digits else None
+            if newest is None or step is None or step > newest:
+                fallback = f"falling back to step {newest}" if newest is not None else "no older checkpoint"
+                _warn(f"checkpoint step {step} is unreadable (unfinished save {path.name}: "
+                      f"interrupted, or still being written); {fallback}")
+
+    def _remove_unfinished(self) -> None:
+        """Deletes saves a dead process left half-written, before our first save (never on restore-only use,
+        where a live trainer may be writing one right now)."""
+        if jax.process_index() == 0:
+            for path in self._unfinished():
+                path.rmtree()
+        ocp.multihost.sync_global_processes("mtp_jax_checkpoint_remove_unfinished")
+        self._swept = True
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable steps out of Orbax's sight: left in place they would block saving those steps again."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                target = self.directory / f"{step}.unreadable-{stamp}"
+                (self.directory / str(step)).rename(target)
+                _warn(f"moved unreadable checkpoint step {step} to {target}; delete it once inspected")
+        ocp.multihost.sync_global_processes("mtp_jax_checkpoint_set_aside")
+        self._manager.reload()
