@@ -54,3 +54,12 @@ def generate_main(argv: list[str] | None = None) -> int:
     from mtp_jax.decode.cli import main
 
     return main(argv)
+
+
+COMMANDS = {"train": train_main, "eval": eval_main, "generate": generate_main}
+
+if __name__ == "__main__":  # python -m mtp_jax.cli {train,eval,generate} ...
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(f"usage: python -m mtp_jax.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(COMMANDS[sys.argv[1]](sys.argv[2:]))
