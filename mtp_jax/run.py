@@ -28,6 +28,9 @@ from mtp_jax.optim import make_optimizer
 from mtp_jax.step import StepFns
 
 
+VOCAB_MULTIPLE = 128
+
+
 class Built(NamedTuple):
     cfg: Config
     mtp: MTP
@@ -35,10 +38,11 @@ class Built(NamedTuple):
 
 
 def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
-    """Fills model.vocab_size from the tokenizer, or refuses one too small for it."""
+    """Fills model.vocab_size from the tokenizer (padded to a multiple of 128, so it shards over any
+    usual tensor-parallel size and tiles well), or refuses one too small for it."""
     vocab = cfg.model.vocab_size
     if vocab == 0:
-        vocab = tokenizer_vocab
+        vocab = -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     elif vocab < tokenizer_vocab:
         raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens; "
