@@ -1,0 +1,245 @@
+"""The model and the memory-flat loss against an independent reference written here with plain
+jnp ops (full (B, T, V) logits, log_softmax, masks from segment_ids), in float32.
+
+The reference shares no code with `mtp_jax.model` or `mtp_jax.loss`: it reads the parameter
+dict directly, so a wrong mask, rotary layout, GQA grouping, head offset or custom_vjp shows up
+as a mismatch in the loss or in some parameter's gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtp_jax.config import ModelConfig
+from mtp_jax.flops import model_flops_per_token, peak_flops
+from mtp_jax.loss import as_metrics, chunk_size, loss_weights, mtp_loss
+from mtp_jax.model.transformer import MTP
+
+# fp32 throughout: the flat path only reorders sums (chunks, heads), so agreement is near round-off.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# --- independent reference -------------------------------------------------------------------
+def ref_rmsnorm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def ref_rope(x_BTHE: jax.Array, theta: float) -> jax.Array:
+    """Llama/NeoX rotary: the first and second halves of the head dim form the rotated pairs."""
+    t, e = x_BTHE.shape[1], x_BTHE.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, e, 2) / e)  # (E/2,)
+    angle = np.arange(t)[:, None] * inv_freq[None, :]  # (T, E/2)
+    cos, sin = np.cos(angle)[None, :, None, :], np.sin(angle)[None, :, None, :]
+    x1, x2 = x_BTHE[..., : e // 2], x_BTHE[..., e // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def ref_block(p: dict, x_BTD: jax.Array, seg_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Pre-norm block; attention causal and within one document; kv head k serves query heads k*G..k*G+G-1."""
+    a = p["attn"]
+    h = ref_rmsnorm(x_BTD, p["attn_norm"]["scale"], cfg.norm_eps)
+    q = ref_rope(jnp.einsum("btd,dhe->bthe", h, a["wq"]), cfg.rope_theta)
+    k = ref_rope(jnp.einsum("btd,dke->btke", h, a["wk"]), cfg.rope_theta)
+    v = jnp.einsum("btd,dke->btke", h, a["wv"])
+    group = cfg.attn_heads // cfg.kv_heads_
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bthe,bshe->bhts", q, k) / math.sqrt(q.shape[-1])
+    t = x_BTD.shape[1]
+    allowed = np.tril(np.ones((t, t), bool))[None] & (seg_BT[:, :, None] == seg_BT[:, None, :])
+    scores = jnp.where(allowed[:, None], scores, -jnp.inf)
+    out = jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(scores, axis=-1), v)
+    x_BTD = x_BTD + jnp.einsum("bthe,hed->btd", out, a["wo"])
+    m = p["mlp"]
+    h = ref_rmsnorm(x_BTD, p["mlp_norm"]["scale"], cfg.norm_eps)
+    return x_BTD + (jax.nn.silu(h @ m["w_gate"]) * (h @ m["w_up"])) @ m["w_down"]
+
+
+def layer(stacked: dict, i: int) -> dict:
+    return jax.tree.map(lambda x: x[i], stacked)
+
+
+def ref_unembed(params: dict, cfg: ModelConfig) -> jax.Array:
+    return params["embed"]["embedding"].T if cfg.tie_embeddings else params["unembed"]["kernel"]
+
+
+def ref_mtp_loss(params: dict, batch: dict, weights: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, dict]:
+    """sum_i w_i * mean over valid t of -log p_i(x_{t+i} | x_<=t); valid = t and t+i in one non-padding document."""
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    n = cfg.mtp_heads
+    t = tokens.shape[1] - n
+    z = params["embed"]["embedding"][tokens[:, :t]]
+    for i in range(params["trunk"]["mlp"]["w_up"].shape[0]):
+        z = ref_block(layer(params["trunk"], i), z, seg[:, :t], cfg)
+    losses, accs = [], []
+    for i in range(1, n + 1):
+        hp = layer(params["heads"], i - 1)
+        h = ref_block(hp, z, seg[:, :t], cfg) if cfg.head_type == "transformer" else z @ hp["kernel"]
+        logits = ref_rmsnorm(h, params["norm"]["scale"], cfg.norm_eps) @ ref_unembed(params, cfg)
+        target = tokens[:, i : i + t]
+        valid = (seg[:, :t] == seg[:, i : i + t]) & (seg[:, i : i + t] != 0)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), target[..., None], axis=-1)[..., 0]
+        losses.append(jnp.sum(nll * valid) / jnp.sum(valid))
+        accs.append(jnp.sum((jnp.argmax(logits, axis=-1) == target) & valid) / jnp.sum(valid))
+    losses = jnp.stack(losses)
+    return jnp.sum(weights * losses), {"loss": losses, "accuracy": jnp.stack(accs)}
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def random_params(mtp: MTP, seed: int = 0, std: float = 0.1) -> dict:
+    """Random float32 parameters of the model's shapes, drawn with numpy (no RNG program to
+    compile); norm scales are 1 + noise, so a dropped or misplaced scale changes the loss."""
+    rng = np.random.default_rng(seed)
+
+    def draw(axes: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        noise = std * rng.standard_normal(leaf.shape)
+        return jnp.asarray(1 + noise if "norm" in axes else noise, jnp.float32)
+
+    return jax.tree.map(draw, mtp.logical_axes(), mtp.abstract_params(), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def assert_trees_close(actual: dict, expected: dict, rtol: float = RTOL, atol: float = ATOL) -> None:
+    flat_e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
+    assert len(flat_a) == len(flat_e)
+    for path, a in flat_a:
+        np.testing.assert_allclose(a, flat_e[path], rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def loss_and_grad(fast, fn, params: dict, batch: dict):
+    return fast(jax.jit(jax.value_and_grad(fn, has_aux=True)), params, batch)(params, batch)
+
+
+# --- tests -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("length,requested,expected", [(24, 5, 4), (24, 512, 24), (17, 8, 1), (32, 8, 8)])
+def test_chunk_size_is_largest_divisor_not_above_request(length: int, requested: int, expected: int) -> None:
+    assert chunk_size(length, requested) == expected
+
+
+# Each head type and each embedding mode once (with the n = 1 and metrics tests below, transformer
+# heads are also checked untied); four combinations would double the compile time.
+@pytest.mark.parametrize("head_type,tie", [("transformer", True), ("linear", False)])
+def test_loss_and_grads_match_reference(tiny, make_batch, fast, head_type: str, tie: bool) -> None:
+    """3 heads, weights (1, .5, .25), GQA, documents + padding, ce_chunk 5 over T=24 (chunks of 4)."""
+    cfg = tiny(model__head_type=head_type, model__tie_embeddings=tie, model__mtp_heads=3, model__n_layers=5,
+               train__seq_len=24, train__ce_chunk=5)
+    mtp = MTP(cfg.model)
+    params = random_params(mtp)
+    batch = make_batch(4, 24 + 3, cfg.model.vocab_size, seed=1)
+    weights = jnp.asarray([1.0, 0.5, 0.25])
+    (ref, ref_m), ref_g = loss_and_grad(fast, lambda p, b: ref_mtp_loss(p, b, weights, cfg.model), params, batch)
+    assert np.all(np.asarray(ref_m["accuracy"]) <= 1)
+    for impl in ("flat", "naive"):
+        (loss, m), grads = loss_and_grad(fast, lambda p, b: mtp_loss(mtp, p, b, weights, cfg.train.ce_chunk, impl), params, batch)
+        np.testing.assert_allclose(loss, ref, rtol=RTOL, err_msg=impl)
+        np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=RTOL, err_msg=impl)
+        np.testing.assert_allclose(m["accuracy"], ref_m["accuracy"], rtol=RTOL, err_msg=impl)
+        assert_trees_close(grads, ref_g)
+
+
+def test_per_head_metrics_count_only_masked_in_targets(tiny, make_batch, fast) -> None:
+    """Zero unembedding: every logit is 0, the loss is ln V, and the top-1 guess is token 0 at
+    every position, so accuracy_i must be the share of token-0 targets among head i's valid
+    targets. Token 0 is planted so that share differs from the share over all targets."""
+    cfg = tiny(model__mtp_heads=3, train__seq_len=16)
+    mtp = MTP(cfg.model)
+    params = random_params(mtp)
+    params["unembed"]["kernel"] = jnp.zeros_like(params["unembed"]["kernel"])
+    batch = make_batch(4, 16 + 3, cfg.model.vocab_size, seed=2)
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    tokens[np.random.default_rng(0).random(tokens.shape) < 0.1] = 0
+    # Token 0 at padding and at each document's first 3 tokens: the masked-out targets, which
+    # would all count as correct if accuracy were taken over every position.
+    starts = np.concatenate([np.ones((4, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    tokens[(seg == 0) | starts | np.roll(starts, 1, 1) | np.roll(starts, 2, 1)] = 0
+    weights = loss_weights(3, [1.0, 2.0, 0.5])
+    for impl in ("flat", "naive"):
+        metrics_fn = jax.jit(lambda p, b: as_metrics(*mtp_loss(mtp, p, b, weights, chunk=8, impl=impl)))
+        metrics = fast(metrics_fn, params, batch)(params, batch)
+        assert set(metrics) == {"loss"} | {f"{k}/head_{i}" for k in ("loss", "accuracy") for i in (1, 2, 3)}
+        np.testing.assert_allclose(metrics["loss"], 3.5 * math.log(64), rtol=RTOL)
+        for i in (1, 2, 3):
+            target, t = tokens[:, i : i + 16], 16
+            valid = (seg[:, :t] == seg[:, i : i + t]) & (seg[:, i : i + t] != 0)
+            expected = np.sum((target == 0) & valid) / np.sum(valid)
+            assert abs(np.mean(target == 0) - expected) > 0.05, "batch does not tell masked from unmasked accuracy"
+            np.testing.assert_allclose(metrics[f"loss/head_{i}"], math.log(64), rtol=RTOL)
+            np.testing.assert_allclose(metrics[f"accuracy/head_{i}"], expected, rtol=RTOL, err_msg=f"{impl} head {i}")
+
+
+def test_single_head_equals_plain_next_token_model(tiny, make_batch, fast) -> None:
+    """n = 1: the trunk blocks then the one head block are an ordinary n_layers-deep LM."""
+    cfg = tiny(model__mtp_heads=1, model__n_layers=3, model__kv_heads=0, train__seq_len=16)
+    mtp = MTP(cfg.model)
+    params = random_params(mtp, seed=3)
+    tokens = make_batch(4, 17, cfg.model.vocab_size, seed=3)["tokens"]
+    batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens)}
+
+    def plain_loss(p: dict, b: dict) -> tuple[jax.Array, dict]:
+        blocks = jax.tree.map(lambda a, h: jnp.concatenate([a, h]), p["trunk"], p["heads"])
+        x = p["embed"]["embedding"][b["tokens"][:, :-1]]
+        everywhere = jnp.ones(x.shape[:2], jnp.int32)
+        for i in range(cfg.model.n_layers):
+            x = ref_block(layer(blocks, i), x, everywhere, cfg.model)
+        logits = ref_rmsnorm(x, p["norm"]["scale"], cfg.model.norm_eps) @ p["unembed"]["kernel"]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), b["tokens"][:, 1:, None], axis=-1)
+        return jnp.mean(nll), {}
+
+    (ref, _), ref_g = loss_and_grad(fast, plain_loss, params, batch)
+    (loss, _), grads = loss_and_grad(fast, lambda p, b: mtp_loss(mtp, p, b, loss_weights(1), 8, "flat"), params, batch)
+    np.testing.assert_allclose(loss, ref, rtol=RTOL)
+    assert_trees_close(grads, ref_g)
+
+
+def _scan_lengths(jaxpr: jax.extend.core.Jaxpr) -> list[int]:
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            out.append(eqn.params["length"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _scan_lengths(sub)
+    return out
+
+
+def _eqn_count(jaxpr: jax.extend.core.Jaxpr) -> int:
+    return sum(1 + sum(_eqn_count(s) for s in jax.extend.core.jaxprs_in_params(e.params)) for e in jaxpr.eqns)
+
+
+def test_trunk_is_one_scan_so_program_size_is_flat_in_depth(tiny) -> None:
+    """Compile time flat in depth, checked structurally: the trunk is a scan of trunk_layers
+    iterations, and the traced loss-and-gradient program has the same size at 7 and 13 layers."""
+    sizes = []
+    for n_layers in (7, 13):
+        cfg = tiny(model__n_layers=n_layers, model__mtp_heads=2, train__seq_len=16)
+        mtp = MTP(cfg.model)
+        params = jax.eval_shape(mtp.init, jax.random.key(0))
+        batch = {k: jax.ShapeDtypeStruct((2, 18), jnp.int32) for k in ("tokens", "segment_ids")}
+        grad = jax.grad(lambda p, b: mtp_loss(mtp, p, b, loss_weights(2), 8, "flat")[0])
+        jaxpr = jax.make_jaxpr(grad)(params, batch).jaxpr
+        assert cfg.model.trunk_layers in _scan_lengths(jaxpr)
+        sizes.append(_eqn_count(jaxpr))
+    assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("n,head_type", [(1, "transformer"), (4, "transformer"), (2, "linear")])
+def test_flops_count_every_matmul_parameter_and_the_unembedding_per_head(tiny, n: int, head_type: str) -> None:
+    """6 x (the model's own matmul parameters, counted from its parameter tree, + n - 1 more
+    unembeddings) + causal attention over every attention layer."""
+    cfg = tiny(model__mtp_heads=n, model__n_layers=6, model__head_type=head_type).model
+    sizes = {jax.tree_util.keystr(p): math.prod(x.shape)
+             for p, x in jax.tree_util.tree_flatten_with_path(MTP(cfg).abstract_params())[0]}
+    matmul = sum(v for k, v in sizes.items() if "norm" not in k and "embedding" not in k)  # unembedding once
+    matmul += (n - 1) * cfg.d_model * cfg.vocab_size
+    attention_layers = 6  # transformer heads take their blocks from n_layers; linear heads add none
+    expected = 6 * matmul + 6 * attention_layers * 16 * cfg.attn_heads * cfg.head_dim_
+    assert model_flops_per_token(cfg, 16) == expected
+
+
+def test_peak_flops_table() -> None:
+    assert peak_flops(jax.devices("cpu")[0]) is None
+    assert peak_flops("TPU v5 lite") == 197e12 and peak_flops("TPU v5") == 459e12  # v5e vs v5p
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
