@@ -1,0 +1,338 @@
+"""Decoding against independent references: a no-cache argmax loop over `MTP.forward`, plain
+greedy decoding (which speculative decoding must reproduce token for token), the model's own
+KV caches of the output (which the decoder's caches must match), a no-cache simulation of
+blockwise decoding (whose pass counts the decoder must match), and exact distributions
+(which speculative sampling must keep).
+
+One tiny n=3 model shape serves every test, random and trained, so the compiled decoders are
+shared; the trained model learns a noisy walk (+1 with p=0.85, else +2, mod 16), which makes
+heads 2..3 good but imperfect drafters and head 1's distribution worth sampling from.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mtp_jax.config import to_yaml
+from mtp_jax.decode import Sampling, generate, speculative_generate
+from mtp_jax.decode.cli import main as cli_main
+from mtp_jax.decode.generate import prefill, token_probs
+from mtp_jax.decode.speculative import _speculate, verify
+from mtp_jax.loss import loss_weights, mtp_loss
+from mtp_jax.model.heads import head_slice, stack_caches
+from mtp_jax.model.layers import KVCache
+from mtp_jax.model.transformer import MTP
+
+V, N, MAX_NEW = 16, 3, 16
+SHAPE = dict(model__vocab_size=V, model__n_layers=5, model__mtp_heads=N)
+REF_ROWS, REF_LEN = V * V, 32  # the one compiled shape of every no-cache reference forward
+jitted_verify = jax.jit(verify, static_argnums=4)
+
+
+def walk(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+    steps = 1 + (rng.random((batch, length)) < 0.15)
+    return ((rng.integers(0, V, (batch, 1)) + np.cumsum(steps, axis=1)) % V).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny):
+    return tiny(**SHAPE)
+
+
+@pytest.fixture(scope="module")
+def mtp(cfg) -> MTP:
+    return MTP(cfg.model)
+
+
+def random_params(mtp: MTP, seed: int) -> dict:
+    """N(0, 0.02) weights, unit norm scales, drawn with NumPy: no per-op compiles (eager
+    `MTP.init` costs ~10 s of them on 2 cores)."""
+    rng = np.random.default_rng(seed)
+    leaf = lambda path, x: np.ones(x.shape, np.float32) if path[-1].key == "scale" else (
+        0.02 * rng.standard_normal(x.shape)).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(leaf, mtp.abstract_params())
+
+
+@pytest.fixture(scope="module")
+def models(mtp) -> dict:
+    """{'random': random params, 'partial': 15 Adam steps on the walk (drafts often rejected),
+    'trained': 60 steps (drafts mostly accepted)}."""
+    tx, weights = optax.adam(1e-2), loss_weights(N)
+
+    @jax.jit
+    def step(params, opt, tokens):
+        batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens)}
+        grads, _ = jax.grad(lambda p: mtp_loss(mtp, p, batch, weights, 32), has_aux=True)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    params = random_params(mtp, 0)
+    opt, rng, out = tx.init(params), np.random.default_rng(0), {"random": random_params(mtp, 1)}
+    for i in range(1, 61):
+        params, opt = step(params, opt, walk(rng, 16, 32 + N))
+        if i == 15:
+            out["partial"] = params
+    return {**out, "trained": params}
+
+
+def batch_prompts() -> list[list[int]]:
+    """Different lengths; the first two on the walk, the last off it (partial acceptance)."""
+    rng = np.random.default_rng(1)
+    return [walk(rng, 1, 7)[0].tolist(), walk(rng, 1, 3)[0].tolist(), rng.integers(0, V, 9).tolist()]
+
+
+@functools.cache
+def jitted_forward(mtp: MTP):
+    return jax.jit(mtp.forward)
+
+
+def reference_logits(mtp: MTP, params, tokens_BT: np.ndarray) -> np.ndarray:
+    """All heads' logits (N, B, T, V) without any cache; padded to one shape (causal: rows and
+    positions past T change nothing) so every caller shares one compilation."""
+    b, t = tokens_BT.shape
+    padded = np.zeros((REF_ROWS, REF_LEN), np.int32)
+    padded[:b, :t] = tokens_BT
+    return np.asarray(jitted_forward(mtp)(params, padded))[:, :b, :t]
+
+
+def naive_greedy(mtp: MTP, params, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """Argmax of head 1 over the whole prefix, recomputed from scratch for every token."""
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.zeros((len(prompts), lengths.max() + max_new), np.int32)
+    for row, p in zip(tokens, prompts):
+        row[: len(p)] = p
+    for _ in range(max_new):
+        logits_BTV = reference_logits(mtp, params, tokens)[0]
+        tokens[np.arange(len(prompts)), lengths] = logits_BTV[np.arange(len(prompts)), lengths - 1].argmax(-1)
+        lengths += 1
+    return [row[len(p) : n].tolist() for row, p, n in zip(tokens, prompts, lengths)]
+
+
+def test_greedy_matches_no_cache_loop(mtp, models):
+    prompts = batch_prompts()
+    result = generate(mtp, models["random"], prompts, MAX_NEW)
+    assert result.completions() == naive_greedy(mtp, models["random"], prompts, MAX_NEW)
+    assert result.stats.forward_passes == MAX_NEW and result.stats.tokens_per_forward == 1.0
+
+
+@pytest.fixture(scope="module")
+def greedy_runs(mtp, models) -> dict:
+    """Per model: (stop token, plain greedy result with that stop), sequences stopping at different times."""
+    prompts, runs = batch_prompts(), {}
+    for name, params in models.items():
+        free = generate(mtp, params, prompts, MAX_NEW).completions()
+        stop = free[0][MAX_NEW // 2]
+        stopped = generate(mtp, params, prompts, MAX_NEW, stop_tokens=[stop])
+        new = stopped.lengths - stopped.prompt_lengths
+        assert len(set(new.tolist())) > 1 and new.min() < MAX_NEW, "sequences must stop at different times"
+        runs[name] = (stop, stopped)
+    return runs
+
+
+@pytest.mark.parametrize("k", range(2, N + 1))
+@pytest.mark.parametrize("model", ["random", "partial", "trained"])
+def test_speculative_equals_greedy_in_a_batch(mtp, models, greedy_runs, model, k):
+    stop, greedy = greedy_runs[model]
+    spec = speculative_generate(mtp, models[model], batch_prompts(), k, MAX_NEW, stop_tokens=[stop])
+    assert spec.completions() == greedy.completions()
+    np.testing.assert_array_equal(spec.tokens, greedy.tokens)
+
+
+@pytest.mark.parametrize("model", ["random", "partial", "trained"])
+def test_speculative_equals_greedy_alone(mtp, models, model):
+    """Batch 1, against the no-cache loop (the cached greedy equals it, see the first test)."""
+    prompt = [walk(np.random.default_rng(2), 1, 6)[0].tolist()]
+    spec = speculative_generate(mtp, models[model], prompt, N, MAX_NEW)
+    assert spec.completions() == naive_greedy(mtp, models[model], prompt, MAX_NEW)
+
+
+def test_trained_heads_accept_drafts(mtp, models):
+    prompts = walk(np.random.default_rng(3), 3, 9).tolist()  # the batch tests' shape: no new compile
+    runs = [speculative_generate(mtp, models["trained"], prompts, k, MAX_NEW) for k in range(1, N + 1)]
+    per_k = [r.stats.tokens_per_forward for r in runs]
+    assert per_k[0] == 1.0 and per_k[-1] > 1.5 and per_k == sorted(per_k), per_k
+    assert all(r.completions() == runs[0].completions() for r in runs)
+
+
+@pytest.mark.parametrize("model", ["partial", "trained"])
+def test_forward_passes_match_a_no_cache_simulation(mtp, models, model):
+    """Each sequence's pass count equals blockwise decoding simulated on the greedy output with
+    no cache: drafts are heads 2..k's argmax at the last accepted position, nowhere else."""
+    params, prompts, k = models[model], batch_prompts(), N
+    spec = speculative_generate(mtp, params, prompts, k, MAX_NEW)
+    for prompt, completion, passes in zip(prompts, spec.completions(), spec.passes):
+        full = np.array(prompt + completion)
+        drafts_TJ = reference_logits(mtp, params, full[None])[1:k, 0].argmax(-1).T
+        length, expected = len(prompt) + 1, 1
+        while length < len(full):
+            ahead = full[length : length + k - 1]  # shorter only where the budget cuts anyway
+            matches = drafts_TJ[length - 2, : len(ahead)] == ahead
+            length += int(np.cumprod(matches).sum()) + 1
+            expected += 1
+        assert passes == expected
+
+
+@functools.cache
+def jitted_reference_caches(mtp: MTP):
+    """Trunk and every head's KV cache for a whole sequence, from the model's own API alone."""
+
+    def caches(params, tokens_BT):
+        b, t = tokens_BT.shape
+        positions_BT, cache = jnp.broadcast_to(jnp.arange(t), (b, t)), mtp.init_cache(b, t)
+        z_BTD, trunk = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"])
+        heads = [mtp.head(head_slice(params["heads"], i), z_BTD, positions_BT, None,
+                          KVCache(*(x[i] for x in cache["heads"])))[1] for i in range(N)]
+        return {"trunk": trunk, "heads": stack_caches(heads)}
+
+    return jax.jit(caches)
+
+
+@pytest.mark.parametrize("model", ["partial", "trained"])
+def test_caches_hold_only_verified_entries(mtp, models, model):
+    """After speculative decoding with rejections, every cache (trunk and all heads) below each
+    sequence's last token equals the model's own caches of the output: drafts left no trace,
+    and heads 2..k saw only verified z."""
+    params, prompts = models[model], batch_prompts()
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.zeros((3, lengths.max()), np.int32)
+    for row, p in zip(tokens, prompts):
+        row[: len(p)] = p
+    h, cache = prefill(mtp, params, tokens, lengths, slots=tokens.shape[1] + MAX_NEW + N)
+    args = (tokens, lengths, np.array([-1], np.int32), jax.random.key(0), Sampling())
+    prog, _, cache = _speculate(mtp, params, cache, h, *args, k=N, max_new=MAX_NEW, mode="greedy")
+    out_len = np.asarray(prog.length_B)
+    outputs = np.maximum(np.asarray(prog.tokens_BS)[:, : out_len.max()], 0)  # PAD -> 0 past each length
+    want = jitted_reference_caches(mtp)(params, outputs)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(cache), jax.tree.leaves(want)):
+        for b, n in enumerate(out_len - 1):  # axes: (layer or head, batch, slot, ...)
+            np.testing.assert_allclose(np.asarray(got_leaf)[:, b, :n], np.asarray(want_leaf)[:, b, :n], atol=2e-5)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(mtp, models):
+    params, prompts = models["random"], batch_prompts()
+    greedy = generate(mtp, params, prompts, MAX_NEW).completions()
+    assert generate(mtp, params, prompts, MAX_NEW, Sampling(1.0, top_k=1), seed=5).completions() == greedy
+    assert generate(mtp, params, prompts, MAX_NEW, Sampling(1.0, top_p=1e-3), seed=5).completions() == greedy
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p, want",
+    [(2, 1.0, [0.625, 0.375, 0, 0]), (0, 0.5, [1, 0, 0, 0]), (0, 0.85, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]),
+     (3, 0.7, [0.625, 0.375, 0, 0]), (0, 1.0, [0.5, 0.3, 0.15, 0.05])],
+)
+def test_top_k_and_top_p_filters(top_k, top_p, want):
+    """top-p keeps the most likely tokens until their mass reaches p; both filters: the stricter."""
+    logits_1V = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    probs = jax.jit(token_probs, static_argnums=2)(logits_1V, Sampling(1.0, top_k, top_p), "filtered")
+    np.testing.assert_allclose(probs[0], want, atol=1e-6)
+
+
+def test_verify_greedy_accepts_only_a_matching_prefix():
+    p_BKV = jax.nn.one_hot(jnp.array([[3, 5, 7]] * 4), V)
+    drafts_BJ = jnp.array([[4, 5], [3, 6], [3, 5], [9, 9]], jnp.int32)  # row 0: 2nd matches after a miss
+    q_BJV = jax.nn.one_hot(drafts_BJ, V)
+    accepted, new = jitted_verify(jax.random.key(0), p_BKV, q_BJV, drafts_BJ, True)
+    np.testing.assert_array_equal(accepted, [0, 1, 2, 0])
+    np.testing.assert_array_equal(new[:, 0], 3)
+    np.testing.assert_array_equal(new[1:3, 1], 5)
+    assert new[2, 2] == 7
+
+
+def test_verify_keeps_the_target_distribution():
+    """Drafts from q, accepted with min(1, p/q), else corrected from norm(max(0, p - q)): each
+    emitted token follows p exactly, whatever q is."""
+    rng = np.random.default_rng(0)
+    p_KV, q_JV = rng.dirichlet(np.ones(6), 3), rng.dirichlet(np.ones(6) * 0.3, 2)
+    b = 100_000
+    key_d, key_v = jax.random.split(jax.random.key(0))
+    drafts_BJ = jax.random.categorical(key_d, jnp.log(jnp.asarray(q_JV, jnp.float32)), shape=(b, 2)).astype(jnp.int32)
+    broadcast = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (b, *x.shape))
+    accepted, new = jitted_verify(key_v, broadcast(p_KV), broadcast(q_JV), drafts_BJ, False)
+    accepted, new = np.asarray(accepted), np.asarray(new)
+    tv = lambda tokens, p: 0.5 * np.abs(np.bincount(tokens, minlength=6) / len(tokens) - p).sum()
+    assert tv(new[:, 0], p_KV[0]) < 0.01
+    assert tv(new[accepted >= 1, 1], p_KV[1]) < 0.015
+    assert tv(drafts_BJ[:, 0], p_KV[0]) > 0.1  # q is far from p: accepting every draft would fail
+
+
+def test_speculative_sampling_is_exact_and_reproducible(mtp, models):
+    """Empirical joint of the first three sampled tokens vs the model's exact distribution; the
+    same seed gives the same samples, another seed others."""
+    params = models["trained"]
+    prompt = walk(np.random.default_rng(4), 1, 6)[0].tolist()
+    pairs = np.stack(np.meshgrid(np.arange(V), np.arange(V), indexing="ij"), -1).reshape(-1, 2)
+    contexts = np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], axis=1).astype(np.int32)
+    p_NCTV = jax.nn.softmax(reference_logits(mtp, params, contexts), axis=-1)
+    p1, p2, p3 = (np.asarray(p_NCTV[0, :, t], np.float64) for t in (5, 6, 7))
+    exact = p1[0][:, None, None] * p2[::V][:, :, None] * p3.reshape(V, V, V)
+    draft_only = p1[0][:, None, None] * np.asarray(p_NCTV[1, 0, 5])[:, None] * np.asarray(p_NCTV[2, 0, 5])
+    samples = 4000
+    out = speculative_generate(mtp, params, [prompt] * samples, N, 3, Sampling(temperature=1.0), seed=0)
+    x = np.array(out.completions())
+    empirical = np.bincount((x[:, 0] * V + x[:, 1]) * V + x[:, 2], minlength=V**3).reshape(V, V, V) / samples
+    tv = 0.5 * np.abs(empirical - exact).sum()
+    assert tv < 0.05, tv
+    assert 0.5 * np.abs(draft_only - exact).sum() > 3 * 0.05  # the check can tell a wrong rule apart
+    assert 1.0 < out.stats.tokens_per_forward < 3.0
+    again = lambda seed: speculative_generate(mtp, params, [prompt] * samples, N, 3, Sampling(1.0), seed=seed)
+    assert again(0).completions() == out.completions() and again(1).completions() != out.completions()
+
+
+# --- CLI -------------------------------------------------------------------------------------
+class Letters:
+    """A 16-token tokenizer for the tiny model: 0 is EOT, 1..15 are letters."""
+
+    vocab_size, eot_id = V, 0
+
+    def encode(self, text: str) -> list[int]:
+        return [1 + ord(c) % 15 for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join("-abcdefghijklmno"[i] for i in ids)
+
+
+@pytest.fixture
+def run_dir(tmp_path, cfg):
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--speculative", "4"], "exceeds the run's 3 heads"),
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-k", "-2"], "top_k"),
+        (["--max-new-tokens", "0"], "max-new-tokens"),
+        (["--max-new-tokens", "many"], "invalid int value"),
+        (["--speculative", "-1"], "speculative"),
+    ],
+)
+def test_cli_errors_are_one_line(run_dir, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([str(run_dir), "--prompt", "hi", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_missing_run_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([str(tmp_path / "nowhere"), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "not a run directory" in err
+
+
+def test_cli_prints_completion_and_stats(run_dir, cfg, mtp, models, capsys, monkeypatch):
+    import mtp_jax.run
+
+    monkeypatch.setattr(mtp_jax.run, "load_run", lambda _: (cfg, Letters(), mtp, models["trained"]))
+    assert cli_main([str(run_dir), "--prompt", "abcde", "--speculative", "3", "--max-new-tokens", str(MAX_NEW)]) == 0
+    completion, stats = capsys.readouterr().out.splitlines()
+    assert set(completion) <= set("abcdefghijklmno") and "tokens/pass" in stats and "tokens/s" in stats
