@@ -10,7 +10,7 @@ from typing import Callable
 from mtp_jax.config import ConfigError
 
 
-def _guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
+def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
     def run(argv: list[str] | None = None) -> int:
         try:
             return main(sys.argv[1:] if argv is None else argv)
@@ -24,7 +24,7 @@ def _guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], i
     return run
 
 
-@_guarded
+@guarded
 def train_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="mtp-train", description="Train an MTP model; resumes when RUN_DIR has a checkpoint.")
     ap.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
@@ -37,7 +37,7 @@ def train_main(argv: list[str]) -> int:
     return 0 if result else 1
 
 
-@_guarded
+@guarded
 def eval_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="mtp-eval", description="Held-out loss, perplexity, bits/byte, top-1 per head.")
     ap.add_argument("run_dir")

@@ -43,7 +43,7 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False
     remat: str = "none"  # none | full | dots  (per trunk block)
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    dtype: str = "auto"  # compute dtype: auto (bf16 on GPU/TPU, fp32 on CPU) | float32 | bfloat16; params stay fp32
 
     @property
     def trunk_layers(self) -> int:
@@ -161,7 +161,7 @@ class Config:
 _CHOICES = {
     "model.head_type": ("transformer", "linear"),
     "model.remat": ("none", "full", "dots"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("auto", "float32", "bfloat16"),
     "data.source": ("stdlib", "files", "jsonl", "arrayrecord"),
     "data.tokenizer": ("bytes", "bpe"),
     "train.step_impl": ("flat", "naive"),

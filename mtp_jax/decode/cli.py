@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 
-from mtp_jax.cli import _guarded
+from mtp_jax.cli import guarded
 from mtp_jax.config import ConfigError
 
 
@@ -44,7 +44,7 @@ def _check(args: argparse.Namespace) -> None:
     Sampling(args.temperature, args.top_k, args.top_p).check()
 
 
-@_guarded
+@guarded
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     _check(args)

@@ -38,6 +38,13 @@ class MTPModel(nnx.Module):
             self.unembed = nnx.Dict(kernel=param(rngs, (d, v), ("embed", "vocab"), cfg.init_std))
 
 
+def compute_dtype(name: str) -> str:
+    """'auto' computes in bfloat16 on accelerators and float32 on CPU (where bf16 matmuls are slow)."""
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def _pure(tree: Any) -> Any:
     return nnx.to_pure_dict(tree)
 
@@ -52,7 +59,7 @@ class MTP:
         self.head_kind = HEAD_KINDS[cfg.head_type](cfg)
         self.block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
         self.norm_def = nnx.graphdef(nnx.eval_shape(lambda: RMSNorm(cfg.d_model, cfg.norm_eps, nnx.Rngs(0))))
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(compute_dtype(cfg.dtype))
 
     # --- parameters -------------------------------------------------------------------------
     def init(self, key: jax.Array) -> Params:
