@@ -134,10 +134,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def reached_preemption(self, step: int) -> bool:
-        """True at the step that JAX's preemption service picked for every process to save at."""
-        return self._manager.reached_preemption(step)
-
     def wait(self) -> None:
         """Blocks until async saves are on disk; call before exiting or the last save may be lost."""
         self._manager.wait_until_finished()

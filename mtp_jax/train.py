@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mtp_jax import distributed
+from mtp_jax import distributed, sharding
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.config import Config
 from mtp_jax.data import pipeline
@@ -79,6 +79,9 @@ def train(cfg: Config) -> dict:
     fns, tcfg = built.fns, cfg.train
     if primary:
         write_run_files(run_dir, cfg)
+    replicated = sharding.unsharded_fraction(fns.state_shardings["params"], built.mtp.abstract_params())
+    if jax.device_count() > 1 and replicated > 0.5:  # MaxText's guard against forgotten sharding rules
+        log(f"warning: {replicated:.0%} of parameter bytes are replicated on every device; check mesh.rules")
     log(f"mesh {dict(fns.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es); "
         f"trunk {cfg.model.trunk_layers} blocks + {cfg.model.mtp_heads} {cfg.model.head_type} heads, "
         f"{sum(x.size for x in jax.tree.leaves(built.mtp.abstract_params())) / 1e6:.2f}M parameters")
