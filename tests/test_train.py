@@ -124,3 +124,14 @@ def test_non_utf8_input_is_counted(tmp_path: Path) -> None:
                                     "data.val_fraction=0.2"))
     assert code == 0, err[-3000:]
     assert "1 of 41 documents were not valid UTF-8" in err
+
+
+def test_mtp_eval_reproduces_the_final_evaluation(reference: Path) -> None:
+    """mtp-eval restores the newest checkpoint on one device and recomputes the training run's table."""
+    final = json.loads((reference / "eval.json").read_text())
+    done = subprocess.run([sys.executable, "-m", "mtp_jax.cli", "eval", str(reference)], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [h["loss"] for h in again["heads"]] == pytest.approx([h["loss"] for h in final["heads"]], rel=1e-6)
+    assert "unigram baseline" in done.stdout
