@@ -56,3 +56,38 @@ def test_two_processes_match_one_and_resume_elsewhere(tmp_path: Path) -> None:
     resumed = losses(multi)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert all(v == v and v < 100 for v in resumed.values())
+
+
+def test_killing_one_trainer_stops_the_other_naming_it(tmp_path: Path) -> None:
+    """A real 2-process mtp-train run: SIGKILL process 1, process 0 exits non-zero in bounded time."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    cmd = TRAIN + [QUICKSTART] + COMMON + ["train.steps=100000", "train.checkpoint_every=100000",
+                                           f"train.run_dir={run_dir}", "distributed.heartbeat_timeout=5"]
+    procs = [
+        subprocess.Popen(cmd, env=env(4, MTP_COORDINATOR=f"127.0.0.1:{port}", MTP_NUM_PROCESSES="2", MTP_PROCESS_ID=str(i)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and losses(run_dir)):
+            assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+            time.sleep(0.5)
+        assert losses(run_dir), "training never started"
+        procs[1].kill()
+        killed_at = time.time()
+        _, err = procs[0].communicate(timeout=120)
+        assert procs[0].returncode != 0
+        assert time.time() - killed_at < 90
+        assert "lost contact with process 1" in err, err[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
