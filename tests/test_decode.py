@@ -25,9 +25,13 @@ from mtp_jax.decode.cli import main as cli_main
 from mtp_jax.decode.generate import prefill, token_probs
 from mtp_jax.decode.speculative import _speculate, verify
 from mtp_jax.loss import loss_weights, mtp_loss
-from mtp_jax.model.heads import head_slice, stack_caches
+from mtp_jax.model.heads import head_slice
 from mtp_jax.model.layers import KVCache
 from mtp_jax.model.transformer import MTP
+
+
+def stack_caches(caches: list[KVCache]) -> KVCache:
+    return KVCache(*(jnp.stack(xs) for xs in zip(*caches)))
 
 V, N, MAX_NEW = 16, 3, 16
 SHAPE = dict(model__vocab_size=V, model__n_layers=5, model__mtp_heads=N)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mtp_jax.config import ModelConfig
@@ -95,7 +94,3 @@ def mask_for_head(segments_BL: jax.Array, offset: int | jax.Array, length: int) 
 
 def targets_for_head(tokens_BL: jax.Array, offset: int | jax.Array, length: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(tokens_BL, offset, length, axis=1)
-
-
-def stack_caches(caches: list[KVCache]) -> KVCache:
-    return KVCache(*(jnp.stack(xs) for xs in zip(*caches)))
