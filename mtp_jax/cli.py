@@ -1,32 +1,16 @@
-"""Console entry points. Every user error ends as one `error: ...` line and exit code 2."""
+"""Console entry points. Every user error ends as one `error: ...` line and exit code 2 (`errors.guarded`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from typing import Callable
 
-from mtp_jax.config import ConfigError
-
-
-def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
-    def run(argv: list[str] | None = None) -> int:
-        try:
-            return main(sys.argv[1:] if argv is None else argv)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-
-    return run
+from mtp_jax.errors import ArgParser, guarded
 
 
 @guarded
 def train_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="mtp-train", description="Train an MTP model; resumes when RUN_DIR has a checkpoint.")
+    ap = ArgParser(prog="mtp-train", description="Train an MTP model; resumes when RUN_DIR has a checkpoint.")
     ap.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=30 train.run_dir=runs/demo")
     args = ap.parse_args(argv)
@@ -39,7 +23,7 @@ def train_main(argv: list[str]) -> int:
 
 @guarded
 def eval_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="mtp-eval", description="Held-out loss, perplexity, bits/byte, top-1 per head.")
+    ap = ArgParser(prog="mtp-eval", description="Held-out loss, perplexity, bits/byte, top-1 per head.")
     ap.add_argument("run_dir")
     ap.add_argument("--batches", type=int, default=0, help="evaluation batches (0 = train.eval_batches of the run)")
     args = ap.parse_args(argv)

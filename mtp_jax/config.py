@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
+from mtp_jax.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user-facing configuration or input error: one line, names the value and the fix."""
+__all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "validate"]
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mtp_jax.config import ConfigError
+from mtp_jax.errors import DivergenceError
 
 
 class MetricsWriter:
@@ -44,7 +44,7 @@ def check_finite(step: int, scalars: dict[str, float]) -> None:
     """Stops a diverged run loudly rather than training on NaNs for a month."""
     bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
     if bad:
-        raise ConfigError(
+        raise DivergenceError(
             f"non-finite metrics at step {step}: {bad}; lower optim.lr or raise optim.warmup_steps, "
             f"then resume from the last checkpoint"
         )

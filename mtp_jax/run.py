@@ -6,7 +6,9 @@ RUN_DIR/
   tokenizer/         the tokenizer every later command loads
   data_manifest.json files and bytes of the corpus
   checkpoints/       Orbax checkpoints (train state + data iterator state)
-  metrics.jsonl, tensorboard/, eval.json
+  metrics.jsonl, tensorboard/
+  eval.json          training's final held-out evaluation (an evals/results.py record)
+  evals/<task>/step_<step>.json   every evaluation, one record schema for every task
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ class Built(NamedTuple):
     cfg: Config
     mtp: MTP
     fns: StepFns
+
+
+class Restored(NamedTuple):
+    built: Built
+    tokenizer: Any
+    params: Any
+    step: int  # the checkpoint step the parameters come from
 
 
 def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> Config:
@@ -85,8 +94,8 @@ def read_config(run_dir: str | Path) -> Config:
     return from_dict(yaml.safe_load(path.read_text()))
 
 
-def restore_run(run_dir: str | Path, step: int | None = None) -> tuple[Built, Any, Any]:
-    """(built objects, tokenizer, params) of a run's newest (or given) checkpoint, on one local device."""
+def restore_run(run_dir: str | Path, step: int | None = None) -> Restored:
+    """Built objects, tokenizer, params and step of a run's newest (or given) checkpoint, on one local device."""
     from mtp_jax.checkpoint import Checkpointer
     from mtp_jax.data.tokenizer import load_tokenizer
 
@@ -102,10 +111,10 @@ def restore_run(run_dir: str | Path, step: int | None = None) -> tuple[Built, An
         ckpt.close()
     if restored is None:
         raise ConfigError(f"run directory '{run_dir}' has no checkpoint yet; train first (mtp-train ... train.run_dir={run_dir})")
-    return built, tokenizer, restored[1]["params"]
+    return Restored(built, tokenizer, restored[1]["params"], restored[0])
 
 
 def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Config, Any, MTP, Any]:
     """(config, tokenizer, model, params): what decoding needs from a run."""
-    built, tokenizer, params = restore_run(run_dir, step)
-    return built.cfg, tokenizer, built.mtp, params
+    run = restore_run(run_dir, step)
+    return run.built.cfg, run.tokenizer, run.built.mtp, run.params

@@ -174,6 +174,5 @@ def _progress(total: int, start: int, enabled: bool) -> Any:
 def _final_eval(cfg: Config, fns: Any, state: dict, tokenizer: Any, run_dir: Path) -> dict:
     place = lambda b: _global_batch(b, fns.batch_sharding)
     process = (jax.process_index(), jax.process_count())
-    result = heldout_report(cfg, fns.eval_step, state["params"], tokenizer, run_dir, place, process)
-    result["step"] = int(jax.device_get(state["step"]))
-    return result
+    step = int(jax.device_get(state["step"]))
+    return heldout_report(cfg, fns.eval_step, state["params"], tokenizer, run_dir, step, True, place, process)

@@ -243,3 +243,26 @@ def test_peak_flops_table() -> None:
     assert peak_flops(jax.devices("cpu")[0]) is None
     assert peak_flops("TPU v5 lite") == 197e12 and peak_flops("TPU v5") == 459e12  # v5e vs v5p
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+
+
+def test_head_write_cache_holds_the_reference_keys_and_values(tiny) -> None:
+    """A reduced verify pass writes a head's cache entries without running the head: they must be
+    rope(norm(z) wk) and norm(z) wv at slots start.., from the reference above, and nothing else."""
+    cfg = tiny(model__mtp_heads=2, model__n_layers=3)
+    mtp = MTP(cfg.model)
+    params = random_params(mtp)
+    hp = layer(params["heads"], 1)
+    z = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, cfg.model.d_model)), jnp.float32)
+    start = 4
+    positions = jnp.broadcast_to(jnp.arange(start, start + 5), (2, 5))
+    cache = jax.tree.map(lambda x: x[1], mtp.init_cache(2, 12)["heads"])
+    written = jax.jit(lambda p, z, c: mtp.head_kind.write_cache(p, z, positions, c))(hp, z, cache)
+    h = ref_rmsnorm(z, hp["attn_norm"]["scale"], cfg.model.norm_eps)
+    k = jnp.einsum("btd,dke->btke", h, hp["attn"]["wk"])
+    v = jnp.einsum("btd,dke->btke", h, hp["attn"]["wv"])
+    # reference rope starts at position 0: rotate a zero-padded sequence and keep positions start..
+    k = ref_rope(jnp.concatenate([jnp.zeros((2, start) + k.shape[2:]), k], axis=1), cfg.model.rope_theta)[:, start:]
+    np.testing.assert_allclose(written.k_BSKE[:, start:start + 5], k, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(written.v_BSKE[:, start:start + 5], v, rtol=1e-5, atol=1e-6)
+    assert not np.any(written.k_BSKE[:, :start]) and not np.any(written.v_BSKE[:, start + 5:])
+    assert not mtp.head_kind.chained

@@ -58,8 +58,12 @@ def test_run_directory_and_final_table(reference: Path) -> None:
         assert (reference / name).exists(), name
     assert list((reference / "tensorboard").glob("events.*"))
     assert checkpoint_steps(reference)[-1] == 12
-    result = json.loads((reference / "eval.json").read_text())
+    record = json.loads((reference / "eval.json").read_text())
+    assert record["task"] == "heldout" and record["step"] == 12 and record["schema"] == 1
+    result = record["details"]
     assert [h["head"] for h in result["heads"]] == [1, 2] and result["unigram_baseline"] > 0
+    assert record["metrics"]["loss/head_2"] == result["heads"][1]["loss"]
+    assert json.loads((reference / "evals" / "heldout" / "step_00000012.json").read_text()) == record
     assert len(losses(reference)) == 12
 
 
@@ -128,10 +132,11 @@ def test_non_utf8_input_is_counted(tmp_path: Path) -> None:
 
 def test_mtp_eval_reproduces_the_final_evaluation(reference: Path) -> None:
     """mtp-eval restores the newest checkpoint on one device and recomputes the training run's table."""
-    final = json.loads((reference / "eval.json").read_text())
+    final = json.loads((reference / "eval.json").read_text())["details"]
     done = subprocess.run([sys.executable, "-m", "mtp_jax.cli", "eval", str(reference)], capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads(done.stdout.strip().splitlines()[-1])
     assert [h["loss"] for h in again["heads"]] == pytest.approx([h["loss"] for h in final["heads"]], rel=1e-6)
     assert "unigram baseline" in done.stdout
+    assert json.loads((reference / "eval.json").read_text())["details"] == final  # mtp-eval leaves it alone

@@ -14,7 +14,6 @@ reported. The last line printed is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from mtp_jax.config import ConfigError
+from mtp_jax.errors import ArgParser, ConfigError, guarded
 from mtp_jax.decode.generate import Result, generate
 from mtp_jax.decode.speculative import speculative_generate
 
@@ -88,8 +87,9 @@ def benchmark(mtp: Any, params: Any, prompts: np.ndarray, new_tokens: int, batch
     return report, mismatches
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mtp_jax.benchmarks.decode", description=__doc__.splitlines()[0])
+@guarded
+def main(argv: list[str]) -> int:
+    ap = ArgParser(prog="python -m mtp_jax.benchmarks.decode", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -98,19 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         sizes = [int(s) for s in args.batch_sizes.split(",")]
-        if min(sizes + [args.prompt_len, args.new_tokens, args.num_prompts]) < 1:
-            raise ValueError
     except ValueError:
-        print("error: sizes, lengths and counts must be positive integers", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--batch-sizes {args.batch_sizes!r} must be comma-separated integers, e.g. 1,8") from None
+    if min(sizes + [args.prompt_len, args.new_tokens, args.num_prompts]) < 1:
+        raise ConfigError("batch sizes, --prompt-len, --new-tokens and --num-prompts must be positive integers")
     from mtp_jax.run import load_run
 
-    try:
-        cfg, tokenizer, mtp, params = load_run(args.run_dir)
-        prompts, source = held_out_prompts(cfg, tokenizer, Path(args.run_dir), args.prompt_len, args.num_prompts)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg, tokenizer, mtp, params = load_run(args.run_dir)
+    prompts, source = held_out_prompts(cfg, tokenizer, Path(args.run_dir), args.prompt_len, args.num_prompts)
     report, mismatches = benchmark(mtp, params, prompts, args.new_tokens, sizes)
     for m in mismatches:
         print(f"MISMATCH: {m}", file=sys.stderr)

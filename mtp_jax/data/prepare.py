@@ -8,14 +8,14 @@ data.source=arrayrecord data.path='OUT_DIR/*.array_record'.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from mtp_jax.config import ConfigError, load_config
+from mtp_jax.config import load_config
+from mtp_jax.errors import ArgParser, ConfigError, guarded
 from mtp_jax.data.pipeline import MANIFEST_FILE, build_tokenizer, require_split, tokenize
 from mtp_jax.data.sources import SPLITS, read_corpus, to_record
 
@@ -73,17 +73,14 @@ def prepare(config_path: str, out_dir: str, overrides: list[str] | tuple[str, ..
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mtp-prepare", description=__doc__.split("\n\n")[0])
+@guarded
+def main(argv: list[str]) -> int:
+    parser = ArgParser(prog="mtp-prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="experiment YAML whose data section names the corpus and tokenizer")
     parser.add_argument("out_dir", help="folder for the shards, tokenizer/ and data_manifest.json")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.max_bytes=1000000")
     args = parser.parse_args(argv)
-    try:
-        manifest = prepare(args.config, args.out_dir, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    manifest = prepare(args.config, args.out_dir, args.overrides)
     totals = manifest["totals"]
     print(f"wrote {sum(len(v) for v in manifest['shards'].values())} shards to {args.out_dir}: "
           + ", ".join(f"{s} {totals[s]['documents']} documents / {totals[s]['tokens']} tokens" for s in SPLITS)

@@ -9,19 +9,11 @@ from __future__ import annotations
 import argparse
 import functools
 
-from mtp_jax.cli import guarded
-from mtp_jax.config import ConfigError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a ConfigError (one line, exit 2) instead of usage + message."""
-
-    def error(self, message: str) -> None:
-        raise ConfigError(f"{message}; see mtp-generate --help")
+from mtp_jax.errors import ArgParser, ConfigError, guarded
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="mtp-generate", description="Complete a prompt with a trained MTP run.")
+    ap = ArgParser(prog="mtp-generate", description="Complete a prompt with a trained MTP run.")
     ap.add_argument("run_dir", help="a training run directory (train.run_dir)")
     ap.add_argument("--prompt", default="", help="text to complete (the model sees EOT, then this)")
     ap.add_argument("--speculative", type=int, default=0, metavar="K",

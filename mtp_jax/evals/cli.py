@@ -1,4 +1,5 @@
-"""`mtp-eval RUN_DIR`: the held-out table of a trained run, also written as RUN_DIR/eval.json."""
+"""`mtp-eval RUN_DIR`: the held-out table of a trained run's newest checkpoint, written as
+RUN_DIR/evals/heldout/step_<step>.json (training's own final evaluation, eval.json, is left alone)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from mtp_jax.run import restore_run
 
 
 def evaluate_run(run_dir: str | Path, batches: int | None = None) -> dict:
-    built, tokenizer, params = restore_run(run_dir)
-    cfg = built.cfg
+    run = restore_run(run_dir)
+    cfg = run.built.cfg
     if batches:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_batches=batches))
-    return heldout_report(cfg, built.fns.eval_step, params, tokenizer, Path(run_dir))
+    return heldout_report(cfg, run.built.fns.eval_step, run.params, run.tokenizer, Path(run_dir), run.step)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -51,18 +50,34 @@ def format_table(result: dict, unigram: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def flat_metrics(result: dict) -> dict[str, float]:
+    """The held-out result as flat metrics for tables and plots: loss, then per head loss,
+    bits per byte and accuracy, and the unigram baseline."""
+    out = {"loss": result["loss"], "unigram_baseline": result["unigram_baseline"]}
+    for h in result["heads"]:
+        for key in ("loss", "bits_per_byte", "accuracy"):
+            out[f"{key}/head_{h['head']}"] = h[key]
+    return out
+
+
 def heldout_report(
-    cfg: Any, eval_step: Callable, params: Any, tokenizer: Any, run_dir: Path,
+    cfg: Any, eval_step: Callable, params: Any, tokenizer: Any, run_dir: Path, step: int, final: bool = False,
     place: Callable[[dict], Any] = lambda b: b, process: tuple[int, int] = (0, 1),
 ) -> dict:
-    """Evaluates the held-out split, adds the unigram baseline, prints the table and writes eval.json."""
+    """Evaluates the held-out split, adds the unigram baseline, prints the table and writes the result
+    record to RUN_DIR/evals/heldout/step_<step>.json (and, for training's `final` evaluation, eval.json)."""
     from mtp_jax.data import pipeline
+    from mtp_jax.evals.results import make_record, write_json_atomic, write_result
 
     batches = pipeline.make_eval_batches(cfg, tokenizer, run_dir, cfg.train.eval_batches, *process)
     stats = pipeline.corpus_stats(cfg, tokenizer, run_dir)
     result = evaluate(eval_step, params, (place(b) for b in batches), cfg.model.mtp_heads, stats["val_bytes_per_token"])
     result["unigram_baseline"] = pipeline.unigram_baseline(cfg, tokenizer, run_dir)
+    result["step"] = step
+    record = make_record("heldout", step, flat_metrics(result), result)
     if process[0] == 0:
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        write_result(run_dir, record)
+        if final:
+            write_json_atomic(run_dir / "eval.json", record)
         print(format_table(result, result["unigram_baseline"]), flush=True)
     return result

@@ -28,23 +28,36 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, axis_name: str, 
 
 
 class HeadKind(Protocol):
-    """What the trunk and the train step need from a head variant."""
+    """What the trunk, the train step and the decoder need from a head variant.
 
-    uses_cache: bool
+    `chained` kinds (head i reads head i-1's output, as the paper's causal ablation and
+    DeepSeek-style sequential modules do) get that output as `prev_BTD`; independent kinds
+    ignore it. Only independent kinds can use `write_cache` in a reduced verify pass: a chained
+    head's entries at a position need the previous head's full output there.
+    """
+
+    uses_cache: bool  # keeps a KV cache per head in decoding
+    chained: bool  # head i reads head i-1's output
 
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         """All n heads, parameters stacked on axis 0."""
 
     def apply(
-        self, params_i: dict, z_BTD: jax.Array, positions_BT: jax.Array, segments_BT: jax.Array | None, cache: KVCache | None
+        self, params_i: dict, z_BTD: jax.Array, positions_BT: jax.Array, segments_BT: jax.Array | None,
+        cache: KVCache | None, prev_BTD: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Head i's hidden state from the trunk output, given head i's (unstacked) parameters."""
+
+    def write_cache(self, params_i: dict, z_BTD: jax.Array, positions_BT: jax.Array,
+                    cache: KVCache | None) -> KVCache | None:
+        """Head i's cache entries at these positions without its output (what `apply` would write)."""
 
 
 class TransformerHeads:
     """The paper's default: each head is one transformer block reading z (parallel heads)."""
 
     uses_cache = True
+    chained = False
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -53,8 +66,11 @@ class TransformerHeads:
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: Block(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None):
         return nnx.merge(self.block_def, params_i)(z_BTD, positions_BT, segments_BT, cache)
+
+    def write_cache(self, params_i, z_BTD, positions_BT, cache):
+        return nnx.merge(self.block_def, params_i).write_cache(z_BTD, positions_BT, cache)
 
 
 class LinearProjection(nnx.Module):
@@ -66,6 +82,7 @@ class LinearHeads:
     """Ablation from the paper: head i is a single d x d linear map before the shared unembedding."""
 
     uses_cache = False
+    chained = False
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -73,8 +90,11 @@ class LinearHeads:
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: LinearProjection(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None):
         return z_BTD @ params_i["kernel"].astype(z_BTD.dtype), cache
+
+    def write_cache(self, params_i, z_BTD, positions_BT, cache):
+        return cache
 
 
 HEAD_KINDS: dict[str, Callable[[ModelConfig], HeadKind]] = {"transformer": TransformerHeads, "linear": LinearHeads}

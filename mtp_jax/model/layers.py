@@ -57,6 +57,12 @@ def _write(cache_BSKE: jax.Array, new_BTKE: jax.Array, start_B: jax.Array) -> ja
     return jax.vmap(write)(cache_BSKE, new_BTKE.astype(cache_BSKE.dtype), start_B)
 
 
+def write_cache(cache: KVCache, k_BTKE: jax.Array, v_BTKE: jax.Array, positions_BT: jax.Array) -> KVCache:
+    """Writes new keys/values at slots positions[:, 0].. (contiguous positions per sequence)."""
+    start_B = positions_BT[:, 0]
+    return KVCache(_write(cache.k_BSKE, k_BTKE, start_B), _write(cache.v_BSKE, v_BTKE, start_B))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, k, e = cfg.d_model, cfg.attn_heads, cfg.kv_heads_, cfg.head_dim_
@@ -67,6 +73,12 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (h, e, d), ("q_heads", None, "embed"), std / (2 * cfg.n_layers) ** 0.5)
         self.theta = cfg.rope_theta
 
+    def keys_values(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Rotated keys and values (B, T, K, E) of these (normed) inputs."""
+        dt = x_BTD.dtype
+        k = rope(jnp.einsum("btd,dke->btke", x_BTD, self.wk[...].astype(dt)), positions_BT, self.theta)
+        return k, jnp.einsum("btd,dke->btke", x_BTD, self.wv[...].astype(dt))
+
     def __call__(
         self,
         x_BTD: jax.Array,
@@ -76,8 +88,7 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         dt = x_BTD.dtype
         q = rope(jnp.einsum("btd,dhe->bthe", x_BTD, self.wq[...].astype(dt)), positions_BT, self.theta)
-        k = rope(jnp.einsum("btd,dke->btke", x_BTD, self.wk[...].astype(dt)), positions_BT, self.theta)
-        v = jnp.einsum("btd,dke->btke", x_BTD, self.wv[...].astype(dt))
+        k, v = self.keys_values(x_BTD, positions_BT)
         q = constrain(q, ("batch", None, "q_heads", None))
         if cache is None:
             # Training: causal within the window and never across a document boundary.
@@ -86,8 +97,7 @@ class Attention(nnx.Module):
                 mask_BTS &= segments_BT[:, :, None] == segments_BT[:, None, :]
         else:
             # Decoding: slot s holds position s; slots past the query (stale drafts included) are masked.
-            start_B = positions_BT[:, 0]
-            cache = KVCache(_write(cache.k_BSKE, k, start_B), _write(cache.v_BSKE, v, start_B))
+            cache = write_cache(cache, k, v, positions_BT)
             k, v = cache.k_BSKE.astype(dt), cache.v_BSKE.astype(dt)
             slots_S = jnp.arange(k.shape[1])
             mask_BTS = slots_S[None, None, :] <= positions_BT[:, :, None]
@@ -130,3 +140,8 @@ class Block(nnx.Module):
         x_BTD = x_BTD + a_BTD
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return constrain(x_BTD, ("batch", None, "embed")), cache
+
+    def write_cache(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache) -> KVCache:
+        """Only this block's cache entries for these inputs (what `__call__` would write), without
+        attention or MLP: later queries can attend to these positions, whose output is not needed."""
+        return write_cache(cache, *self.attn.keys_values(self.attn_norm(x_BTD), positions_BT), positions_BT)
