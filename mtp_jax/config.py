@@ -80,11 +80,12 @@ class OptimConfig:
 class DataConfig:
     """Where text comes from and how it becomes windows of seq_len + mtp_heads tokens."""
 
-    source: str = "stdlib"  # stdlib | files | jsonl | arrayrecord
-    path: str = ""  # folder, glob, .jsonl file or ArrayRecord glob (unused for stdlib)
+    source: str = "stdlib"  # stdlib | files | jsonl | prepared (arrayrecord: refused, see below)
+    path: str = ""  # folder, glob, .jsonl file, or mtp-prepare's OUT_DIR (unused for stdlib)
     text_field: str = "text"  # JSONL field holding the document
     tokenizer: str = "bytes"  # bytes | bpe
     bpe_vocab_size: int = 4096
+    bpe_train_chars: int = 20_000_000  # BPE trains on at most this many characters, spread over the input
     val_fraction: float = 0.05
     max_bytes: int = 0  # cap on corpus bytes read (0 = all); keeps tiny runs fast
     shuffle_seed: int = 0
@@ -162,7 +163,7 @@ _CHOICES = {
     "model.head_type": ("transformer", "linear"),
     "model.remat": ("none", "full", "dots"),
     "model.dtype": ("auto", "float32", "bfloat16"),
-    "data.source": ("stdlib", "files", "jsonl", "arrayrecord"),
+    "data.source": ("stdlib", "files", "jsonl", "prepared", "arrayrecord"),
     "data.tokenizer": ("bytes", "bpe"),
     "train.step_impl": ("flat", "naive"),
 }
@@ -347,6 +348,10 @@ def validate(cfg: Config) -> None:
     _check(0 <= o.final_lr_ratio <= 1, f"optim.final_lr_ratio={o.final_lr_ratio} must be in [0, 1]")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    _check(cfg.data.source != "arrayrecord",
+           "data.source=arrayrecord was replaced by the prepared token store: run `mtp-prepare CONFIG OUT_DIR` on the "
+           "text and set data.source=prepared data.path=OUT_DIR (same text and tokenizer give the same batches)")
+    _check(cfg.data.bpe_train_chars > 0, f"data.bpe_train_chars={cfg.data.bpe_train_chars} must be > 0")
     _check(
         cfg.data.source == "stdlib" or cfg.data.path.strip() != "",
         f"data.path is empty but data.source={cfg.data.source!r} needs it; set data.path=/path/to/data",

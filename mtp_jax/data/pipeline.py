@@ -1,4 +1,4 @@
-"""Token batches for training and evaluation, built on Grain.
+"""Token batches for training and evaluation, built on Grain, read lazily from the token store.
 
 Packing: each document is tokenized and followed by EOT; a split's documents form one token
 stream, cut into windows of T + n tokens (T = train.seq_len, n = model.mtp_heads) with stride T.
@@ -6,57 +6,71 @@ The n extra tokens of window k are the first n of window k+1, so every token but
 next-token target exactly once. `segment_ids` number the documents 1, 2, ... within each window
 (a document's EOT is part of it) and are 0 on padding: the stream's end is padded with EOT. The
 loss trains head i at position t only where segment_ids[t] == segment_ids[t+i] != 0, so no head
-predicts across a document boundary or onto padding.
+predicts across a document boundary or onto padding. `pack` builds that stream in memory and is
+kept as the reference the lazy reader is tested against.
 
-The tokenized streams are cached as .npy files under RUN_DIR/data_cache/<key>/ (memory-mapped, so
-start-up is fast the second time and Grain workers share pages instead of copies).
+Where the stream lives: data.source=prepared reads mtp-prepare's OUT_DIR (store.py) and the run
+directory holds no copy of it. The small on-the-fly sources (stdlib, files, jsonl) are prepared
+once per run into RUN_DIR/data_cache/<key>/ in the same format; that cache is bounded by
+ON_THE_FLY_MAX_BYTES of input (larger corpora must go through mtp-prepare) and may be deleted.
 
 Determinism: global batch s holds positions [s*B, (s+1)*B) of an endless stream of window
 indices, each epoch a fresh Grain shuffle seeded by data.shuffle_seed; process p of P keeps rows
-[p*B/P, (p+1)*B/P). The global batch therefore never depends on the number of processes, and the
-iterator's whole state is the step.
+[p*B/P, (p+1)*B/P) and reads only those windows. The global batch therefore never depends on the
+number of processes, and the iterator's whole state is the step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import grain
 import numpy as np
 
 from mtp_jax.config import Config, ConfigError, DataConfig
-from mtp_jax.data.sources import SPLITS, Corpus, prepared_tokenizer_dir, read_corpus, read_token_shards
-from mtp_jax.data.tokenizer import META_FILE, ByteTokenizer, Tokenizer, expected_name, load_tokenizer, train_bpe
+from mtp_jax.data import build, sources, store
+from mtp_jax.data.store import SPLITS
+from mtp_jax.data.tokenizer import META_FILE, ByteTokenizer, Tokenizer, expected_name, load_tokenizer
 
 Batch = dict[str, np.ndarray]
 CACHE_DIR = "data_cache"
-CACHE_VERSION = 1  # bump when the cache layout changes
-STATS_FILE = "stats.json"  # written last: its presence marks a complete cache
-MANIFEST_FILE = "data_manifest.json"
+CACHE_VERSION = 2  # 2: the token store (1 held .npy streams; such folders are ignored and may be deleted)
+ON_THE_FLY_MAX_BYTES = 2 << 30  # input bytes an on-the-fly source may have; beyond, use mtp-prepare
+MANIFEST_FILE = store.MANIFEST_FILE
 
 
-def build_tokenizer(data_cfg: DataConfig, run_dir: str | Path, corpus: Corpus | None = None) -> Tokenizer:
+def _on_the_fly_parts(data_cfg: DataConfig) -> list[build.Files]:
+    files = sources.input_files(data_cfg)
+    size = sum(path.stat().st_size for _, path in files)
+    if min(size, data_cfg.max_bytes or size) > ON_THE_FLY_MAX_BYTES:
+        raise ConfigError(f"data.source={data_cfg.source} has {size / 2**30:.1f} GiB of input, more than a run "
+                          f"prepares on the fly ({ON_THE_FLY_MAX_BYTES >> 30} GiB); run `mtp-prepare CONFIG OUT_DIR` "
+                          "and train with data.source=prepared data.path=OUT_DIR")
+    return build.plan_parts(files, build.PART_BYTES, data_cfg.max_bytes)
+
+
+def build_tokenizer(data_cfg: DataConfig, run_dir: str | Path) -> Tokenizer:
     """The run's tokenizer: loaded from RUN_DIR/tokenizer/ if there, else made and saved there.
 
-    BPE trains on the train split (`corpus` if the caller already read it); ArrayRecord shards
-    bring the tokenizer that tokenized them.
+    Prepared data brings the tokenizer that encoded it; BPE trains on a bounded sample of the
+    train split (data.bpe_train_chars).
     """
     folder = Path(run_dir) / "tokenizer"
     if (folder / META_FILE).is_file():
         tokenizer = load_tokenizer(folder)
-    elif data_cfg.source == "arrayrecord":
-        tokenizer = load_tokenizer(prepared_tokenizer_dir(data_cfg.path))
+    elif data_cfg.source == "prepared":
+        tokenizer = load_tokenizer(Path(data_cfg.path) / "tokenizer")
     elif data_cfg.tokenizer == "bytes":
         tokenizer = ByteTokenizer()
     else:
-        tokenizer = train_bpe((corpus or read_corpus(data_cfg)).texts("train"), data_cfg.bpe_vocab_size)
+        tokenizer = build.make_tokenizer(data_cfg, _on_the_fly_parts(data_cfg))
     if tokenizer.name != expected_name(data_cfg):
         raise ConfigError(
             f"the tokenizer for {run_dir} is '{tokenizer.name}' but the config asks for '{expected_name(data_cfg)}'; "
@@ -84,121 +98,95 @@ def pack(documents: list[np.ndarray], eot_id: int) -> tuple[np.ndarray, np.ndarr
     return tokens.astype(np.int32), np.cumsum(lengths) - lengths
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Several processes may build the same cache on a shared disk: each renames a complete file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
-
-
 def _cache_folder(data_cfg: DataConfig, tokenizer: Tokenizer, run_dir: Path) -> Path:
     """A folder per (what was read, how it was tokenized); shuffling and workers do not change tokens."""
-    fields = dataclasses.asdict(data_cfg)
-    for ignored in ("shuffle_seed", "worker_count"):
-        fields.pop(ignored)
-    fields.update(tokenizer=tokenizer.name, vocab=tokenizer.vocab_size, version=CACHE_VERSION)
+    fields = build.data_fields(data_cfg)
+    fields.update(tokenizer=tokenizer.fingerprint, vocab=tokenizer.vocab_size, version=CACHE_VERSION)
     key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     return run_dir / CACHE_DIR / key
 
 
-def _read_documents(data_cfg: DataConfig, tokenizer: Tokenizer) -> tuple[dict, dict[str, int], dict]:
-    """(token arrays per split, UTF-8 bytes per split, manifest) of the configured source."""
-    if data_cfg.source == "arrayrecord":
-        docs = read_token_shards(data_cfg.path)
-        nbytes = {s: sum(len(tokenizer.decode(d).encode("utf-8")) for d in docs[s]) for s in SPLITS}
-        return docs, nbytes, {"shards": data_cfg.path}
-    corpus = read_corpus(data_cfg)
-    manifest = corpus.manifest()
-    return tokenize(corpus, tokenizer), {s: manifest["totals"][s]["bytes"] for s in SPLITS}, manifest
+def _build_cache(data_cfg: DataConfig, tokenizer: Tokenizer, folder: Path) -> None:
+    """Prepares into a private folder and renames it into place: processes sharing a disk may race."""
+    parts = _on_the_fly_parts(data_cfg)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    plan = build.create(tmp, data_cfg, tokenizer, parts, build.PART_BYTES)
+    build.write_parts(tmp, data_cfg, parts, plan, tokenizer, (0, 1), workers=0, progress=False)
+    build.merge(tmp, plan, lambda split, tokens: require_split(split, tokens, data_cfg))
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first: same tokens
+        shutil.rmtree(tmp)
 
 
-def tokenize(corpus: Corpus, tokenizer: Tokenizer) -> dict[str, list[np.ndarray]]:
-    """Token ids of every document, per split (warning once about invalid UTF-8)."""
-    corpus.warn_invalid_utf8()
-    return {s: tokenizer.encode_batch(corpus.texts(s)) for s in SPLITS}
-
-
-def _build_cache(data_cfg: DataConfig, tokenizer: Tokenizer, folder: Path, run_dir: Path) -> None:
-    docs, nbytes, manifest = _read_documents(data_cfg, tokenizer)
-    folder.mkdir(parents=True, exist_ok=True)
-    stats: dict[str, Any] = {}
+def dataset_folder(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> Path:
+    """The prepared folder a run reads: data.path, or the on-the-fly cache (built on first use).
+    Records its manifest as RUN_DIR/data_manifest.json."""
+    run_dir = Path(run_dir)
+    if cfg.data.source == "prepared":
+        folder = Path(cfg.data.path)
+        manifest = store.read_manifest(folder)
+        if manifest["fingerprint"] != tokenizer.fingerprint:
+            raise ConfigError(f"data.path='{folder}' was prepared with tokenizer {manifest['tokenizer']} "
+                              f"({manifest['fingerprint']}) but {run_dir / 'tokenizer'} is {tokenizer.name} "
+                              f"({tokenizer.fingerprint}); use a new run directory or data prepared with this tokenizer")
+        record = {"source": "prepared", "path": str(folder), **manifest}
+    else:
+        folder = _cache_folder(cfg.data, tokenizer, run_dir)
+        if not (folder / MANIFEST_FILE).is_file():
+            _build_cache(cfg.data, tokenizer, folder)
+        manifest = store.read_manifest(folder)
+        record = {"source": cfg.data.source, **manifest, "documents": build.document_listing(folder)}
     for split in SPLITS:
-        tokens, starts = pack(docs[split], tokenizer.eot_id)
-        _atomic_write(folder / f"{split}_tokens.npy", lambda f: np.save(f, tokens))
-        _atomic_write(folder / f"{split}_starts.npy", lambda f: np.save(f, starts))
-        stats[split] = {"documents": len(docs[split]), "tokens": len(tokens), "bytes": nbytes[split]}
-    val = stats["val"]
-    stats["val_bytes_per_token"] = val["bytes"] / val["tokens"] if val["tokens"] else None
-    stats["invalid_utf8"] = manifest.get("invalid_utf8", 0)
-    manifest = {"source": data_cfg.source, "tokenizer": tokenizer.name, **manifest,
-                "totals": {s: stats[s] for s in SPLITS}}
-    _write_json(run_dir / MANIFEST_FILE, manifest)
-    _write_json(folder / STATS_FILE, stats)
-
-
-def _cache(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> Path:
-    """The run's tokenized corpus, built on first use."""
-    folder = _cache_folder(cfg.data, tokenizer, Path(run_dir))
-    if not (folder / STATS_FILE).is_file():
-        _build_cache(cfg.data, tokenizer, folder, Path(run_dir))
-    stats = json.loads((folder / STATS_FILE).read_text())
-    for split in SPLITS:
-        require_split(split, stats[split]["tokens"], cfg.data)
+        require_split(split, manifest["totals"][split]["tokens"], cfg.data)
+    if not (run_dir / MANIFEST_FILE).is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store.write_json(run_dir / MANIFEST_FILE, record)
     return folder
 
 
 def corpus_stats(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> dict:
-    """Documents, tokens and UTF-8 bytes per split, and val_bytes_per_token (for bits per byte)."""
-    return json.loads((_cache(cfg, tokenizer, run_dir) / STATS_FILE).read_text())
-
-
-def _load(folder: Path, split: str, part: str) -> np.ndarray:
-    return np.load(folder / f"{split}_{part}.npy", mmap_mode="r")
+    """Documents, tokens and UTF-8 bytes per split, and val_bytes_per_token (for bits per byte),
+    counted once at preparation."""
+    manifest = store.read_manifest(dataset_folder(cfg, tokenizer, run_dir))
+    return {**manifest["totals"], "val_bytes_per_token": manifest["val_bytes_per_token"],
+            "invalid_utf8": manifest["invalid_utf8"]}
 
 
 class Windows:
-    """The windows of one packed split, computed on demand from the memory-mapped stream.
+    """The windows of one split, each read on demand as one slice of the token stream.
 
-    Pickles as file paths, so Grain worker processes map the cache instead of receiving a copy.
+    Pickles as paths and lengths, so Grain worker processes open their own readers.
     """
 
-    def __init__(self, folder: Path, split: str, seq_len: int, n: int, eot_id: int):
-        self.folder, self.split, self.seq_len, self.n, self.eot_id = folder, split, seq_len, n, eot_id
-
-    @functools.cached_property
-    def tokens(self) -> np.ndarray:
-        return _load(self.folder, self.split, "tokens")
-
-    @functools.cached_property
-    def starts(self) -> np.ndarray:
-        return _load(self.folder, self.split, "starts")
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("tokens", "starts")}
+    def __init__(self, stream: store.SplitStream, seq_len: int, n: int, eot_id: int):
+        self.stream, self.seq_len, self.n, self.eot_id = stream, seq_len, n, eot_id
 
     def __len__(self) -> int:
-        return max(0, -(-(len(self.tokens) - 1) // self.seq_len))
+        return max(0, -(-(self.stream.length - 1) // self.seq_len))
 
     def rows(self, ids: np.ndarray) -> Batch:
         """Windows `ids` as a batch; an id past the last window gives a padding row (segment 0)."""
         ids = np.asarray(ids, np.int64)
-        length = len(self.tokens)
-        pos = ids[:, None] * self.seq_len + np.arange(self.seq_len + self.n)
-        valid = (pos < length) & (ids < len(self))[:, None]
-        tokens = np.where(valid, self.tokens[np.minimum(pos, length - 1)], self.eot_id)
-        doc = np.searchsorted(self.starts, pos, side="right")  # 1-based document number
-        segments = np.where(valid, doc - doc[:, :1] + 1, 0)
-        return {"tokens": tokens.astype(np.int32), "segment_ids": segments.astype(np.int32)}
+        width = self.seq_len + self.n
+        starts = np.where(ids < len(self), ids * self.seq_len, self.stream.length)
+        tokens = np.full((len(ids), width), self.eot_id, np.int32)
+        valid = np.zeros((len(ids), width), bool)
+        for row, piece in enumerate(self.stream.read_many([(int(a), int(a) + width) for a in starts])):
+            tokens[row, :len(piece)] = piece
+            valid[row, :len(piece)] = True
+        # A new document starts right after each EOT: count the EOTs before every position.
+        ended = np.cumsum(tokens == self.eot_id, axis=1) - (tokens == self.eot_id)
+        segments = np.where(valid, ended + 1, 0)
+        return {"tokens": tokens, "segment_ids": segments.astype(np.int32)}
 
 
 def split_windows(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path, split: str) -> Windows:
     """All windows of a split ('train' or 'val'), in stream order."""
-    return Windows(_cache(cfg, tokenizer, run_dir), split, cfg.train.seq_len, cfg.model.mtp_heads, tokenizer.eot_id)
+    stream = store.SplitStream(dataset_folder(cfg, tokenizer, run_dir), split)
+    return Windows(stream, cfg.train.seq_len, cfg.model.mtp_heads, tokenizer.eot_id)
 
 
 def local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -288,8 +276,9 @@ def make_eval_batches(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path, nu
 
 def unigram_baseline(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> float:
     """Cross-entropy (nats/token) on the val split of add-one-smoothed train token frequencies:
-    the loss a model that ignores context would reach."""
-    folder = _cache(cfg, tokenizer, run_dir)
-    counts = np.bincount(_load(folder, "train", "tokens"), minlength=tokenizer.vocab_size) + 1.0
-    log_p = np.log(counts) - math.log(counts.sum())
-    return float(-log_p[_load(folder, "val", "tokens")].mean())
+    the loss a model that ignores context would reach (from the counts made at preparation)."""
+    folder = dataset_folder(cfg, tokenizer, run_dir)
+    train = store.SplitStream(folder, "train").unigram_counts()[: tokenizer.vocab_size] + 1.0
+    val = store.SplitStream(folder, "val").unigram_counts()[: tokenizer.vocab_size]
+    log_p = np.log(train) - math.log(train.sum())
+    return float(-(val * log_p).sum() / val.sum())

@@ -1,5 +1,5 @@
-"""Where documents come from: the Python standard library's own source, files, JSONL, or the
-pre-tokenised ArrayRecord shards that `mtp-prepare` writes.
+"""Where documents come from: the Python standard library's own source, files or JSONL (the
+prepared token store that `mtp-prepare` writes is read by store.py).
 
 Text sources yield documents in a fixed sorted order; each lands in the train or validation
 split by a stable hash of its name (sha1, not Python's per-process `hash()`), so the split
@@ -18,21 +18,20 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Callable, Iterator
-
-import numpy as np
+from typing import Callable, Iterable, Iterator
 
 from mtp_jax.config import ConfigError, DataConfig
+from mtp_jax.data.store import SPLITS
 
-SPLITS = ("train", "val")
 # Vendored packages are not the standard library; its test suite (~3x the rest, full of deliberately
 # odd code and encodings) would dominate the corpus.
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "__pycache__"})
-RECORD_DTYPE = np.dtype("<i4")  # one ArrayRecord record = one document's token ids
 
 # (name, size in bytes, read(limit) -> at most `limit` raw bytes): reading is deferred so that
 # `max_bytes` stops before touching the rest of a large corpus.
 RawDoc = tuple[str, int, Callable[[int], bytes]]
+# (name, bytes to read, whether that is the whole document, read): a RawDoc after the max_bytes cut.
+Cut = tuple[str, int, bool, Callable[[int], bytes]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,32 +88,54 @@ def _decode(data: bytes, complete: bool) -> tuple[str, bool]:
 
 
 def read_corpus(cfg: DataConfig) -> Corpus:
-    """Documents of a text source in sorted order, the total capped at max_bytes (the last one cut)."""
-    budget = cfg.max_bytes if cfg.max_bytes > 0 else float("inf")
-    documents = []
-    for name, size, read in _raw_documents(cfg):
-        if budget <= 0:
-            break
-        if size == 0:
-            continue
-        take = int(min(size, budget))
-        text, valid = _decode(read(take), complete=take == size)
-        documents.append(Document(name, text, split_of(name, cfg.val_fraction), len(text.encode("utf-8")), valid))
-        budget -= take
+    """Documents of a text source in sorted order, the total capped at max_bytes (the last one cut).
+
+    Holds the whole corpus: for small corpora and tests; preparation streams `budgeted` instead.
+    """
+    documents = [make_document(doc, cfg.val_fraction) for doc in budgeted(raw_documents(cfg), cfg.max_bytes)]
     if not documents:
         where = "the standard library" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
         raise ConfigError(f"data.source={cfg.source} found no text in {where}; point data.path at non-empty documents")
     return Corpus(documents)
 
 
-def _raw_documents(cfg: DataConfig) -> Iterator[RawDoc]:
+def budgeted(raw: Iterable[RawDoc], max_bytes: int) -> Iterator[Cut]:
+    """Non-empty documents with the bytes to read of each: what the max_bytes budget (0 = none) allows."""
+    budget = max_bytes if max_bytes > 0 else float("inf")
+    for name, size, read in raw:
+        if budget <= 0:
+            return
+        if size == 0:
+            continue
+        take = int(min(size, budget))
+        budget -= take
+        yield name, take, take == size, read
+
+
+def make_document(cut: Cut, val_fraction: float) -> Document:
+    """A `budgeted` document read, decoded and assigned its split (picklable input: workers call it)."""
+    name, take, complete, read = cut
+    text, valid = _decode(read(take), complete)
+    return Document(name, text, split_of(name, val_fraction), len(text.encode("utf-8")), valid)
+
+
+def input_files(cfg: DataConfig) -> list[tuple[str, Path]]:
+    """(name, path) of a text source's files in sorted order: the units preparation splits into parts."""
     if cfg.source == "stdlib":
-        return _file_documents(_stdlib_files())
+        return _stdlib_files()
     if cfg.source == "files":
-        return _file_documents(_files(cfg.path))
+        return _files(cfg.path)
     if cfg.source == "jsonl":
-        return _jsonl_documents(_files(cfg.path, suffix=".jsonl"), cfg.text_field)
+        return _files(cfg.path, suffix=".jsonl")
     raise ConfigError(f"data.source={cfg.source} holds tokens, not text; use it for training, not as text input")
+
+
+def raw_documents(cfg: DataConfig, files: list[tuple[str, Path]] | None = None) -> Iterator[RawDoc]:
+    """The documents of `files` (default: all the source's files), reading deferred."""
+    files = input_files(cfg) if files is None else files
+    if cfg.source == "jsonl":
+        return _jsonl_documents(files, cfg.text_field)
+    return _file_documents(files)
 
 
 def _stdlib_files() -> list[tuple[str, Path]]:
@@ -183,26 +204,3 @@ def _raw_bytes(text: str) -> bytes:
         return text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         return text.encode("utf-8", "surrogatepass")
-
-
-def to_record(ids: np.ndarray) -> bytes:
-    return np.asarray(ids, RECORD_DTYPE).tobytes()
-
-
-def prepared_tokenizer_dir(value: str) -> Path:
-    """The tokenizer folder that `mtp-prepare` wrote beside the shards."""
-    return _files(value, suffix=".array_record")[0][1].parent / "tokenizer"
-
-
-def read_token_shards(value: str) -> dict[str, list[np.ndarray]]:
-    """Pre-tokenised documents per split from `train-*`/`val-*` ArrayRecord shards."""
-    from grain.sources import ArrayRecordDataSource
-
-    documents: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    for _, path in _files(value, suffix=".array_record"):
-        split = path.name.split("-", 1)[0]
-        if split not in documents:
-            raise ConfigError(f"ArrayRecord shard '{path}' is not named train-* or val-*; use the files mtp-prepare wrote")
-        source = ArrayRecordDataSource([str(path)])
-        documents[split].extend(np.frombuffer(source[i], RECORD_DTYPE) for i in range(len(source)))
-    return documents

@@ -6,6 +6,7 @@ into exactly the text the model was trained on. `tokenizer.json` there names the
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
@@ -17,7 +18,7 @@ from mtp_jax.config import ConfigError, DataConfig
 META_FILE = "tokenizer.json"
 BPE_FILE = "bpe.json"
 EOT_TEXT = "<|endoftext|>"
-BPE_TRAIN_CHARS = 20_000_000  # more text barely changes the merges but costs minutes on 2 cores
+BPE_TRAIN_CHARS = 20_000_000  # data.bpe_train_chars default: more text barely changes the merges but costs minutes
 
 
 class Tokenizer(Protocol):
@@ -26,6 +27,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     eot_id: int
     name: str  # "bytes" or "bpe-<requested vocab size>": what the config asked for
+    fingerprint: str  # changes with the vocabulary or merges: tells two bpe-32768 apart
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -49,7 +51,7 @@ class ByteTokenizer:
 
     vocab_size = 257
     eot_id = 256
-    name = "bytes"
+    name = fingerprint = "bytes"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -74,6 +76,7 @@ class BPETokenizer:
         self.name = name
         self.vocab_size = hf_tokenizer.get_vocab_size()
         self.eot_id = hf_tokenizer.token_to_id(EOT_TEXT)
+        self.fingerprint = hashlib.sha1(hf_tokenizer.to_str().encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -91,8 +94,8 @@ class BPETokenizer:
         self._tok.save(str(path / BPE_FILE))
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-    """Trains byte-level BPE on the texts (at most BPE_TRAIN_CHARS of them, in order)."""
+def train_bpe(texts: Iterable[str], vocab_size: int, max_chars: int = BPE_TRAIN_CHARS) -> BPETokenizer:
+    """Trains byte-level BPE on the texts (at most max_chars of them, in order)."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size <= 257:
@@ -106,11 +109,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    hf.train_from_iterator(_capped(texts, BPE_TRAIN_CHARS), trainer=trainer)
+    hf.train_from_iterator(capped(texts, max_chars), trainer=trainer)
     return BPETokenizer(hf, f"bpe-{vocab_size}")
 
 
-def _capped(texts: Iterable[str], max_chars: int) -> Iterable[str]:
+def capped(texts: Iterable[str], max_chars: int) -> Iterable[str]:
     total = 0
     for text in texts:
         if total >= max_chars:
