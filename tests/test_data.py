@@ -1,5 +1,5 @@
 """The data pipeline: tokenizers, sources, packing into windows, masks, multi-host batches,
-resumption, error messages and ArrayRecord preparation, on small corpora in tmp_path."""
+resumption, error messages and prepared data, on small corpora in tmp_path."""
 
 from __future__ import annotations
 
@@ -223,28 +223,35 @@ def test_max_bytes_takes_a_sorted_prefix_and_cuts_cleanly(tmp_path: Path):
     assert cut.invalid_utf8 == 0, "a character cut by max_bytes is not invalid UTF-8"
 
 
-def test_prepare_arrayrecord_matches_direct_files_source(tmp_path: Path, corpus: list[str], capsys):
+def test_prepared_data_matches_direct_files_source(tmp_path: Path, corpus: list[str], capsys):
     yaml = tmp_path / "exp.yaml"
     yaml.write_text(f"data:\n  source: files\n  path: {tmp_path / 'corpus'}\n  val_fraction: 0.25\n"
                     f"  tokenizer: bpe\n  bpe_vocab_size: 300\nmodel:\n  mtp_heads: {N}\n  n_layers: 4\n"
                     f"train:\n  seq_len: {T}\n  batch_size: {B}\n")
     out = tmp_path / "prepared"
     assert prepare.main([str(yaml), str(out)]) == 0
-    assert sorted(p.name for p in out.glob("*.array_record")) == ["train-00000-of-00001.array_record",
-                                                                   "val-00000-of-00001.array_record"]
+    assert "train with data.source=prepared" in capsys.readouterr().out
     direct = load_config(yaml)
-    shards = load_config(yaml, ["data.source=arrayrecord", f"data.path={out}/*.array_record"])
-    tok = pipeline.build_tokenizer(shards.data, tmp_path / "run_ar")
-    assert (tmp_path / "run_ar" / "tokenizer" / "tokenizer.json").is_file() and tok.name == "bpe-300"
+    prepared = load_config(yaml, ["data.source=prepared", f"data.path={out}"])
+    tok = pipeline.build_tokenizer(prepared.data, tmp_path / "run_prep")
+    assert (tmp_path / "run_prep" / "tokenizer" / "tokenizer.json").is_file() and tok.name == "bpe-300"
     for split in sources.SPLITS:
         want = all_rows(direct, tok, tmp_path / "run_files", split)
-        got = all_rows(shards, tok, tmp_path / "run_ar", split)
+        got = all_rows(prepared, tok, tmp_path / "run_prep", split)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
-    first = next(pipeline.make_train_iterator(shards, tok, tmp_path / "run_ar"))
+    first = next(pipeline.make_train_iterator(prepared, tok, tmp_path / "run_prep"))
     np.testing.assert_array_equal(first["tokens"], next(pipeline.make_train_iterator(direct, tok, tmp_path / "run_files"))["tokens"])
-    assert prepare.main([str(yaml), str(out)]) == 2
-    assert capsys.readouterr().err.startswith("error: OUT_DIR")
+    assert pipeline.corpus_stats(prepared, tok, tmp_path / "run_prep") == pipeline.corpus_stats(direct, tok, tmp_path / "run_files")
+    assert not (tmp_path / "run_prep" / pipeline.CACHE_DIR).exists(), "a run on prepared data holds no copy of it"
+    with pytest.raises(SystemExit) as exited:
+        prepare.main([str(yaml), str(out)])
+    assert exited.value.code == 2 and capsys.readouterr().err.startswith("error: OUT_DIR")
+
+
+def test_arrayrecord_source_is_refused_with_the_migration(tmp_path: Path):
+    with pytest.raises(ConfigError, match="data.source=arrayrecord was replaced.*mtp-prepare CONFIG OUT_DIR.*data.source=prepared"):
+        config(tmp_path, "data.source=arrayrecord", "data.path=old/*.array_record")
 
 
 def test_run_dir_tokenizer_must_match_config(tmp_path: Path, corpus: list[str]):

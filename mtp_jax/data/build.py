@@ -201,6 +201,7 @@ def write_part(folder: Path, data_cfg: DataConfig, files: Files, encoder: Encode
     for s in SPLITS:
         assert tokens[s].close() == totals[s]["tokens"] and ends[s].close() == totals[s]["documents"]
         np.save(folder / f"{s}_counts.npy", counts[s])
+    pause_point("prepare_part", int(folder.name.split("-")[0]))  # tests stop a preparation mid-part here
     record = {"name": folder.name, "fingerprint": plan["fingerprint"], "files": _files_digest(files),
               "totals": totals, "invalid_utf8": invalid}
     store.write_json(folder / store.PART_FILE, record)
@@ -226,7 +227,6 @@ def write_parts(out: Path, data_cfg: DataConfig, parts: list[Files], plan: dict,
                 raise UserError(f"the input files of part {k} changed since '{out}' was started; "
                                 "restore them or prepare into a new folder")
             write_part(out / store.PARTS_DIR / part_name(k, len(parts)), data_cfg, parts[k], encoder, plan, bar.update)
-            pause_point("prepare_part", k)
     finally:
         encoder.close()
         bar.close()
