@@ -3,7 +3,6 @@ an interrupted preparation resumed, and its bad inputs as one line."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

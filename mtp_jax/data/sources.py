@@ -15,13 +15,12 @@ import glob
 import hashlib
 import json
 import os
-import sys
 import sysconfig
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from mtp_jax.config import ConfigError, DataConfig
-from mtp_jax.data.store import SPLITS
+from mtp_jax.data.store import SPLITS  # noqa: F401 (re-exported: the splits a document lands in)
 
 # Vendored packages are not the standard library; its test suite (~3x the rest, full of deliberately
 # odd code and encodings) would dominate the corpus.
@@ -53,24 +52,6 @@ class Corpus:
     @property
     def invalid_utf8(self) -> int:
         return sum(not d.valid_utf8 for d in self.documents)
-
-    def warn_invalid_utf8(self) -> None:
-        """One stderr line, so binary or mis-encoded files in a text corpus do not go unnoticed."""
-        if self.invalid_utf8:
-            print(f"warning: {self.invalid_utf8} of {len(self.documents)} documents were not valid UTF-8; "
-                  "decoded with replacement", file=sys.stderr, flush=True)
-
-    def manifest(self) -> dict:
-        """What was read, so a run records exactly which documents it trained and validated on."""
-        totals = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
-        for d in self.documents:
-            totals[d.split]["documents"] += 1
-            totals[d.split]["bytes"] += d.nbytes
-        return {
-            "documents": [{"name": d.name, "bytes": d.nbytes, "split": d.split} for d in self.documents],
-            "totals": totals,
-            "invalid_utf8": self.invalid_utf8,
-        }
 
 
 def split_of(name: str, val_fraction: float) -> str:
