@@ -132,17 +132,18 @@ def dataset_folder(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> Pa
             raise ConfigError(f"data.path='{folder}' was prepared with tokenizer {manifest['tokenizer']} "
                               f"({manifest['fingerprint']}) but {run_dir / 'tokenizer'} is {tokenizer.name} "
                               f"({tokenizer.fingerprint}); use a new run directory or data prepared with this tokenizer")
-        record = {"source": "prepared", "path": str(folder), **manifest}
     else:
         folder = _cache_folder(cfg.data, tokenizer, run_dir)
         if not (folder / MANIFEST_FILE).is_file():
             _build_cache(cfg.data, tokenizer, folder)
         manifest = store.read_manifest(folder)
-        record = {"source": cfg.data.source, **manifest, "documents": build.document_listing(folder)}
     for split in SPLITS:
         require_split(split, manifest["totals"][split]["tokens"], cfg.data)
     if not (run_dir / MANIFEST_FILE).is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"source": cfg.data.source, "path": cfg.data.path, **manifest}
+        if cfg.data.source != "prepared":  # a small corpus: list its documents, as the run trained on them
+            record["documents"] = build.document_listing(folder)
         store.write_json(run_dir / MANIFEST_FILE, record)
     return folder
 
