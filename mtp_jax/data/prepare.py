@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokenizer-only", action="store_true", help="first step of a sharded preparation")
     parser.add_argument("--merge", action="store_true", help="last step of a sharded preparation")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted preparation in OUT_DIR")
-    parser.add_argument("--part-bytes", type=int, default=build.PART_BYTES, help="input bytes per part")
+    parser.add_argument("--part-bytes", type=int, default=build.PART_BYTES, help="input bytes per part (first step only: the plan keeps it)")
     args = parser.parse_args(argv)
     if args.workers < 0 or args.part_bytes <= 0:
         raise UserError(f"--workers={args.workers} --part-bytes={args.part_bytes}: use workers >= 0, part bytes > 0")
