@@ -2,6 +2,11 @@
 masking, grouped-query heads, lengths that are not a multiple of the block; outputs, gradients,
 and the full MTP loss and gradient at model level."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -14,6 +19,7 @@ from mtp_jax.model import attention
 from mtp_jax.model.transformer import MTP
 
 jax.config.update("jax_default_matmul_precision", "highest")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference(q, k, v, seg, cot):
@@ -142,3 +148,41 @@ def test_cudnn_matches_xla_in_bf16():
         attention.cudnn_attention(q, k, v, seg).astype(jnp.float32),
         attention.xla_attention(q, k, v, seg).astype(jnp.float32), rtol=2e-2, atol=2e-2,
     )
+
+
+@pytest.mark.slow  # a fresh 8-device process, two train-step compiles
+def test_blockwise_sharded_over_eight_devices_matches_xla_on_one():
+    """data 2 x fsdp 2 x tensor 2 (kv heads split over tensor), micro_batches 2: one SGD step."""
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _sharded_worker() -> None:
+    import optax
+
+    from conftest import documents_batch, tiny_overrides
+    from mtp_jax import sharding
+    from mtp_jax.config import MeshConfig, load_config
+    from mtp_jax.step import StepFns
+
+    attention.BLOCK = 8  # 3 blocks at T = 21
+    batch = documents_batch(8, 21 + 3, 64, seed=4)
+    out = {}
+    for attn, mesh_cfg, devices in [("xla", MeshConfig(data=1), jax.devices()[:1]),
+                                    ("blockwise", MeshConfig(data=2, fsdp=2, tensor=2), jax.devices())]:
+        cfg = load_config(None, tiny_overrides(model__mtp_heads=3, model__n_layers=5, model__attn_heads=4, model__kv_heads=2,
+                                               train__batch_size=8, train__seq_len=21, train__micro_batches=2, model__attention=attn))
+        mtp = MTP(cfg.model)
+        fns = StepFns(mtp, optax.sgd(0.5), cfg.train, sharding.make_mesh(mesh_cfg, devices), sharding.rules_dict(cfg.mesh.rules))
+        params = jax.jit(mtp.init)(jax.random.key(0))
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": fns.tx.init(params)}
+        state, metrics = fns.train_step(jax.device_put(state, fns.state_shardings), batch)
+        out[attn] = jax.device_get((metrics, state["params"]))
+    np.testing.assert_allclose(out["blockwise"][0]["loss"], out["xla"][0]["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out["blockwise"][1], out["xla"][1])
+
+
+if __name__ == "__main__":
+    _sharded_worker()
