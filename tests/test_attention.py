@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import compile_fast
 from mtp_jax.config import ConfigError, ModelConfig
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model import attention
@@ -105,7 +106,7 @@ def _all_eqns(jaxpr):
         yield from _all_eqns(sub)
 
 
-def model_loss(attn, monkeypatch=None, block=None):
+def model_loss(attn):
     cfg = ModelConfig(vocab_size=61, d_model=32, n_layers=3, attn_heads=4, kv_heads=2, mtp_heads=2, attention=attn, dtype="float32")
     mtp = MTP(cfg)
     params = mtp.init(jax.random.key(0))
@@ -117,7 +118,7 @@ def model_loss(attn, monkeypatch=None, block=None):
     seg[1, 20:] = 0
     batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg)}
     fn = lambda p: mtp_loss(mtp, p, batch, loss_weights(2), chunk=8)[0]
-    return jax.jit(jax.value_and_grad(fn))(params)
+    return compile_fast(jax.jit(jax.value_and_grad(fn)), params)(params)
 
 
 def test_model_loss_and_gradients_blockwise_equal_xla(monkeypatch):
