@@ -43,6 +43,7 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False
     remat: str = "none"  # none | full | dots  (per trunk block)
+    attention: str = "auto"  # auto | xla | blockwise | cudnn | splash (see mtp_jax/model/attention.py)
     dtype: str = "auto"  # compute dtype: auto (bf16 on GPU/TPU, fp32 on CPU) | float32 | bfloat16; params stay fp32
 
     @property
@@ -163,6 +164,7 @@ _CHOICES = {
     "model.head_type": ("transformer", "linear"),
     "model.remat": ("none", "full", "dots"),
     "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.attention": ("auto", "xla", "blockwise", "cudnn", "splash"),
     "data.source": ("stdlib", "files", "jsonl", "prepared", "arrayrecord"),
     "data.tokenizer": ("bytes", "bpe"),
     "train.step_impl": ("flat", "naive"),

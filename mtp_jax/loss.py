@@ -100,36 +100,41 @@ def _positions(b: int, t: int) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def _one_head_loss(mtp: MTP, chunk: int, hp: Params, shared: Params, z_BTD, tokens_BL, segments_BL, i):
-    """Head i (0-based) predicts tokens t + i + 1: (mean CE, top-1 accuracy)."""
+def head_counts(segments_BL: jax.Array, n: int) -> jax.Array:
+    """(N,) valid targets per head in this batch (at least 1): the denominators of the mean CE."""
+    t = segments_BL.shape[1] - n
+    return jnp.stack([jnp.maximum(jnp.sum(mask_for_head(segments_BL, i + 1, t)), 1) for i in range(n)]).astype(jnp.float32)
+
+
+def _one_head_loss(mtp: MTP, chunk: int, hp: Params, shared: Params, z_BTD, tokens_BL, segments_BL, i, count):
+    """Head i (0-based) predicts tokens t + i + 1: (CE sum / count, top-1 hits / count)."""
     b, t = z_BTD.shape[:2]
     h_BTD, _ = mtp.head(hp, z_BTD, _positions(b, t), segments_BL[:, :t])
     hn_BTD = mtp.final_norm(shared, h_BTD)
     mask_BT = mask_for_head(segments_BL, i + 1, t)
     loss, correct = chunked_xent(hn_BTD, shared["unembed"], targets_for_head(tokens_BL, i + 1, t), mask_BT, chunk)
-    count = jnp.maximum(jnp.sum(mask_BT), 1).astype(jnp.float32)
     return loss / count, correct / count
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def heads_loss(mtp: MTP, chunk: int, heads: Params, shared: Params, z_BTD, tokens_BL, segments_BL, weights_N):
+def heads_loss(mtp: MTP, chunk: int, heads: Params, shared: Params, z_BTD, tokens_BL, segments_BL, weights_N, counts_N):
     """Forward-only path (evaluation): one head at a time, chunked cross-entropy."""
 
     def body(_, xs):
-        hp, i = xs
-        return None, _one_head_loss(mtp, chunk, hp, shared, z_BTD, tokens_BL, segments_BL, i)
+        hp, i, count = xs
+        return None, _one_head_loss(mtp, chunk, hp, shared, z_BTD, tokens_BL, segments_BL, i, count)
 
-    _, (losses, accs) = jax.lax.scan(body, None, (heads, jnp.arange(weights_N.shape[0])))
+    _, (losses, accs) = jax.lax.scan(body, None, (heads, jnp.arange(weights_N.shape[0]), counts_N))
     return jnp.sum(weights_N * losses), {"loss": losses, "accuracy": accs}
 
 
-def _heads_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights_N):
+def _heads_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights_N, counts_N):
     f32 = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
     def body(carry, xs):
         dz_BTD, dshared = carry
-        hp, i, w = xs
-        head = lambda hp_, sh_, z_: _one_head_loss(mtp, chunk, hp_, sh_, z_, tokens_BL, segments_BL, i)
+        hp, i, w, count = xs
+        head = lambda hp_, sh_, z_: _one_head_loss(mtp, chunk, hp_, sh_, z_, tokens_BL, segments_BL, i, count)
         loss, vjp, acc = jax.vjp(head, hp, shared, z_BTD, has_aux=True)
         dhp, dsh, dz = vjp(w.astype(loss.dtype))
         dshared = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), dshared, dsh)
@@ -137,7 +142,7 @@ def _heads_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights
 
     n = weights_N.shape[0]
     (dz_BTD, dshared), (dheads, losses, accs) = jax.lax.scan(
-        body, (f32(z_BTD), f32(shared)), (heads, jnp.arange(n), weights_N)
+        body, (f32(z_BTD), f32(shared)), (heads, jnp.arange(n), weights_N, counts_N)
     )
     out = (jnp.sum(weights_N * losses), {"loss": losses, "accuracy": accs})
     dshared = jax.tree.map(lambda g, p: g.astype(p.dtype), dshared, shared)
@@ -147,13 +152,13 @@ def _heads_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights
 def _heads_bwd(mtp, chunk, res, g):
     dheads, dshared, dz_BTD = res
     scale = lambda tree: jax.tree.map(lambda x: (g[0] * x).astype(x.dtype), tree)
-    return scale(dheads), scale(dshared), scale(dz_BTD), None, None, None
+    return scale(dheads), scale(dshared), scale(dz_BTD), None, None, None, None
 
 
 heads_loss.defvjp(_heads_fwd, _heads_bwd)
 
 
-def naive_heads_loss(mtp: MTP, heads: Params, shared: Params, z_BTD, tokens_BL, segments_BL, weights_N):
+def naive_heads_loss(mtp: MTP, heads: Params, shared: Params, z_BTD, tokens_BL, segments_BL, weights_N, counts_N):
     """Every head's full (B, T, V) logits at once, plain autodiff: memory O(n x T x V)."""
     b, t = z_BTD.shape[:2]
     losses, accs = [], []
@@ -162,24 +167,28 @@ def naive_heads_loss(mtp: MTP, heads: Params, shared: Params, z_BTD, tokens_BL, 
         logits_BTV = mtp.logits(shared, h_BTD)
         targets_BT, mask_BT = targets_for_head(tokens_BL, i + 1, t), mask_for_head(segments_BL, i + 1, t)
         logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), targets_BT[..., None], axis=-1)[..., 0]
-        count = jnp.maximum(jnp.sum(mask_BT), 1).astype(jnp.float32)
-        losses.append(-jnp.sum(logp_BT * mask_BT) / count)
-        accs.append(jnp.sum((jnp.argmax(logits_BTV, -1) == targets_BT) * mask_BT) / count)
+        losses.append(-jnp.sum(logp_BT * mask_BT) / counts_N[i])
+        accs.append(jnp.sum((jnp.argmax(logits_BTV, -1) == targets_BT) * mask_BT) / counts_N[i])
     losses, accs = jnp.stack(losses), jax.lax.stop_gradient(jnp.stack(accs))
     return jnp.sum(weights_N * losses), {"loss": losses, "accuracy": accs}
 
 
 def mtp_loss(
-    mtp: MTP, params: Params, batch: dict[str, jax.Array], weights_N: jax.Array, chunk: int = 512, impl: str = "flat"
+    mtp: MTP, params: Params, batch: dict[str, jax.Array], weights_N: jax.Array, chunk: int = 512, impl: str = "flat",
+    counts_N: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """Training loss of one batch {'tokens', 'segment_ids'}: (B, T + n) each."""
+    """Training loss of one batch {'tokens', 'segment_ids'}: (B, T + n) each. Each head's CE sum is
+    divided by `counts_N` (default: this batch's valid targets); a micro-batch passes the whole
+    batch's counts, so micro-batch losses and gradients add up to the whole batch's exactly."""
     tokens_BL, segments_BL = batch["tokens"], batch["segment_ids"]
     b, t = tokens_BL.shape[0], tokens_BL.shape[1] - mtp.cfg.mtp_heads
+    if counts_N is None:
+        counts_N = head_counts(segments_BL, mtp.cfg.mtp_heads)
     z_BTD, _ = mtp.trunk(params, tokens_BL[:, :t], _positions(b, t), segments_BL[:, :t])
     shared = mtp.shared(params)
     if impl == "flat":
-        return heads_loss(mtp, chunk, params["heads"], shared, z_BTD, tokens_BL, segments_BL, weights_N)
-    return naive_heads_loss(mtp, params["heads"], shared, z_BTD, tokens_BL, segments_BL, weights_N)
+        return heads_loss(mtp, chunk, params["heads"], shared, z_BTD, tokens_BL, segments_BL, weights_N, counts_N)
+    return naive_heads_loss(mtp, params["heads"], shared, z_BTD, tokens_BL, segments_BL, weights_N, counts_N)
 
 
 def loss_weights(n: int, weights: list | tuple = ()) -> jax.Array:

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mtp_jax import sharding
 from mtp_jax.config import TrainConfig
-from mtp_jax.loss import as_metrics, loss_weights, mtp_loss
+from mtp_jax.loss import as_metrics, head_counts, loss_weights, mtp_loss
 from mtp_jax.model.transformer import MTP
 
 State = dict[str, Any]
@@ -53,8 +53,8 @@ class StepFns:
 
         return jax.jit(make, out_shardings=self.state_shardings)(key)
 
-    def _loss(self, params, batch):
-        return mtp_loss(self.mtp, params, batch, self.weights, self.tcfg.ce_chunk, self.tcfg.step_impl)
+    def _loss(self, params, batch, counts_N=None):
+        return mtp_loss(self.mtp, params, batch, self.weights, self.tcfg.ce_chunk, self.tcfg.step_impl, counts_N)
 
     def _train(self, state: State, batch: dict) -> tuple[State, dict]:
         m = self.tcfg.micro_batches
@@ -64,9 +64,13 @@ class StepFns:
             b = b.reshape(b.shape[0] // m, m, b.shape[1]).swapaxes(0, 1)
             return sharding.constrain(b, (None, "batch", None))
 
+        # Token-weighted: every micro-batch divides by the whole batch's valid-target counts, so the
+        # summed losses and gradients equal the whole batch's even when micro-batches differ in size.
+        counts_N = head_counts(batch["segment_ids"], self.mtp.cfg.mtp_heads)
+
         def accumulate(carry, mb):
-            (loss, aux), grads = grad_fn(state["params"], mb)
-            add = lambda a, g: a + g.astype(jnp.float32) / m
+            (loss, aux), grads = grad_fn(state["params"], mb, counts_N)
+            add = lambda a, g: a + g.astype(jnp.float32)
             return jax.tree.map(add, carry, (grads, as_metrics(loss, aux))), None
 
         zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)

@@ -2,9 +2,12 @@
 
 Deterministic figures from XLA's compiled `memory_analysis()` (temp buffers), plus the median
 wall-clock of one loss-and-gradient call at n = 4 for both paths, measured in the same run.
+`--seq-sweep` instead gives the flat path's temp bytes over sequence lengths (compiling only)
+for one attention implementation: linear attention memory shows as x2 per doubling of T.
 Prints one JSON object as its last line.
 
     python -m mtp_jax.benchmarks.memory [--heads 1,2,4,8] [--d-model 512] [--seq 1024] ...
+    python -m mtp_jax.benchmarks.memory --seq-sweep [--attention auto] [--seqs 1024,2048,4096,8192]
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 
 from mtp_jax.config import ModelConfig
 from mtp_jax.loss import loss_weights, mtp_loss
+from mtp_jax.model.attention import IMPLEMENTATIONS, resolve
 from mtp_jax.model.transformer import MTP
 
 
@@ -51,6 +56,29 @@ def median_seconds(compiled, mtp: MTP, cfg: ModelConfig, batch: int, seq: int, r
     return statistics.median(times)
 
 
+def seq_sweep(model_cfg, args) -> dict:
+    """temp bytes per sequence length (compile only) and the ratio of the last two lengths."""
+    n = int(args.heads.split(",")[0])
+    cfg = model_cfg(n)
+    seqs = [int(s) for s in args.seqs.split(",")]
+    temp = {}
+    for seq in seqs:
+        compiled, _ = compiled_step(cfg, "flat", args.batch, seq, args.chunk)
+        temp[str(seq)] = compiled.memory_analysis().temp_size_in_bytes
+        chosen = resolve(cfg.attention, seq, MTP(cfg).dtype)
+        print(f"T={seq:6d} attention={chosen:9s} temp={temp[str(seq)] / 2**20:9.1f} MiB", flush=True)
+    result = {
+        "temp_bytes": temp,
+        "attention": {str(s): resolve(cfg.attention, s, MTP(cfg).dtype) for s in seqs},
+        f"ratio_temp_{seqs[-1]}_over_{seqs[-2]}": temp[str(seqs[-1])] / temp[str(seqs[-2])],
+        "config": {"d_model": cfg.d_model, "attn_heads": cfg.attn_heads, "trunk_layers": cfg.trunk_layers,
+                   "mtp_heads": n, "vocab": cfg.vocab_size, "batch": args.batch, "attention": cfg.attention,
+                   "platform": jax.default_backend()},
+    }
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", default="1,2,4,8")
@@ -63,13 +91,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--time-heads", type=int, default=4, help="head count for the timing comparison (0 = skip)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS)
+    ap.add_argument("--seq-sweep", action="store_true",
+                    help="temp bytes over --seqs at the issue-12 shape (defaults below apply unless given)")
+    ap.add_argument("--seqs", default="1024,2048,4096,8192")
     args = ap.parse_args(argv)
+    if args.seq_sweep:  # d_model 512, 8 heads, 1 trunk block + 1 head, vocab 4096, batch 1
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        for flag, value in (("--trunk-layers", 1), ("--vocab", 4096), ("--batch", 1), ("--heads", "1")):
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), value)
 
     def model_cfg(n: int) -> ModelConfig:
         return ModelConfig(
             vocab_size=args.vocab, d_model=args.d_model, n_layers=args.trunk_layers + n,
-            attn_heads=args.attn_heads, mtp_heads=n,
+            attn_heads=args.attn_heads, mtp_heads=n, attention=args.attention,
         )
+
+    if args.seq_sweep:
+        return seq_sweep(model_cfg, args)
 
     result: dict = {"flat": {}, "naive": {}, "seconds": {}}
     for n in [int(h) for h in args.heads.split(",")]:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtp_jax.config import ModelConfig
+from mtp_jax.model.attention import causal_attention, dense_attention
 from mtp_jax.sharding import constrain
 
 
@@ -72,6 +73,7 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, k, e), ("embed", "kv_heads", None), std)
         self.wo = param(rngs, (h, e, d), ("q_heads", None, "embed"), std / (2 * cfg.n_layers) ** 0.5)
         self.theta = cfg.rope_theta
+        self.impl = cfg.attention
 
     def keys_values(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Rotated keys and values (B, T, K, E) of these (normed) inputs."""
@@ -91,17 +93,14 @@ class Attention(nnx.Module):
         k, v = self.keys_values(x_BTD, positions_BT)
         q = constrain(q, ("batch", None, "q_heads", None))
         if cache is None:
-            # Training: causal within the window and never across a document boundary.
-            mask_BTS = positions_BT[:, :, None] >= positions_BT[:, None, :]
-            if segments_BT is not None:
-                mask_BTS &= segments_BT[:, :, None] == segments_BT[:, None, :]
+            # Training: causal within the window, never across a document (segment ids, no mask tensor).
+            out_BTHE = causal_attention(self.impl, q, k, v, segments_BT)
         else:
             # Decoding: slot s holds position s; slots past the query (stale drafts included) are masked.
             cache = write_cache(cache, k, v, positions_BT)
             k, v = cache.k_BSKE.astype(dt), cache.v_BSKE.astype(dt)
             slots_S = jnp.arange(k.shape[1])
-            mask_BTS = slots_S[None, None, :] <= positions_BT[:, :, None]
-        out_BTHE = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None, :, :])
+            out_BTHE = dense_attention(q, k, v, slots_S[None, None, :] <= positions_BT[:, :, None])
         out_BTD = jnp.einsum("bthe,hed->btd", out_BTHE, self.wo[...].astype(dt))
         return out_BTD, cache
 
