@@ -55,7 +55,7 @@ class SandboxError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 10.0  # wall clock, from start to exit
+    timeout_s: float = 30.0  # wall clock, from start to exit (generous: a loaded machine stretches it)
     cpu_s: int = 10
     memory_bytes: int = 2 << 30  # address space
     processes: int = 32  # processes and threads of the slot's uid (uid levels only)
