@@ -55,6 +55,8 @@ class Settings:
             raise UserError(f"--temperature {self.temperatures} and --k {self.ks} need at least one value; k >= 1")
         for t in self.temperatures:
             Sampling(t, 0, self.top_p).check()
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit {self.limit} must be >= 1 (the number of problems to evaluate)")
         if self.max_new_tokens < 0:
             raise UserError(f"--max-new-tokens {self.max_new_tokens} must be >= 1 (or 0 for the benchmark's default)")
 
@@ -141,7 +143,7 @@ def score(problems: Sequence[benchmarks.Problem], units: dict, settings: Setting
         for p, n, c in zip(problems, ns, cs):
             per_problem_counts[p.task_id][str(t)] = {"n": n, "passed": c}
         entry: dict[str, object] = {"statuses": dict(Counter(s["status"] for r in rows for s in r)),
-                                    "errors": dict(Counter(s["error_type"] for r in rows for s in r).most_common(10))}
+                                    "errors": dict(Counter(s["error_type"] for r in rows for s in r if s["error_type"]).most_common(10))}
         for k in (k for k in settings.ks if k <= min(ns)):
             values = per_problem(ns, cs, k)
             low, high = bootstrap_ci(values)
