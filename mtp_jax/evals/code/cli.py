@@ -27,6 +27,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     group.add_argument("--rows", type=int, default=32, help="sequences per decoding call")
     group.add_argument("--workers", type=int, default=0, help="programs run at once (0 = every core)")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--sandbox-python", default=None, help="interpreter the programs run with (default: the first "
+                       "of this Python, its base and /usr/bin/python3 that the sandbox's unprivileged user can start)")
 
 
 def numbers(flag: str, text: str, kind: type) -> tuple:
@@ -87,6 +89,6 @@ def run_task(args: argparse.Namespace) -> dict:
     total = sum(settings.samples_at(t) for t in settings.temperatures) * len(load(settings.task, settings.limit))
     run = restore_run(args.run_dir)
     decoder = ModelDecoder(run.built.mtp, run.params, settings.speculative, settings.rows)
-    with Sandbox(workers=args.workers or None) as sandbox, tqdm(total=total, desc=settings.task, unit="sample") as bar:
+    with Sandbox(workers=args.workers or None, python=args.sandbox_python) as sandbox, tqdm(total=total, desc=settings.task, unit="sample") as bar:
         record = evaluate(args.run_dir, run.step, settings, decoder, run.tokenizer, sandbox, bar.update)
     return record

@@ -172,7 +172,8 @@ class Sandbox:
         command = [*prefix, sys.executable, "-I", "-S", "-B", str(BOOT), json.dumps(spec)]
         timed_out = False
         try:
-            with open(box / "stdout", "wb") as out, open(box / "stderr", "wb") as err:
+            private = lambda path: open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+            with private(box / "stdout") as out, private(box / "stderr") as err:
                 proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=box,
                                         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
                                         pass_fds=(status_w,))
