@@ -46,6 +46,7 @@ BOOT = Path(__file__).with_name("_boot.py")
 UNSHARE = ["--pid", "--fork", "--kill-child", "--mount-proc", "--net", "--ipc", "--uts", "--propagation", "private"]
 Level = Literal["namespaces", "uid", "none"]
 Status = Literal["pass", "fail", "timeout", "error"]
+UID_FIRST = 1_500_000_000  # sandbox uids: 1.5e9 .. 2.04e9, far above any real account
 KEEP_BYTES = 4096  # of each stream, kept in the outcome (the nonce is searched in all of stdout)
 
 
@@ -102,10 +103,14 @@ class Sandbox:
     """
 
     def __init__(self, limits: Limits = Limits(), workers: int | None = None, level: Level | None = None,
-                 python: str | None = None, uid_base: int = 1_500_000_000):
+                 python: str | None = None, uid_base: int | None = None):
         self.limits = limits
         self.workers = workers or len(os.sched_getaffinity(0))
-        self.uid_base = uid_base
+        # A random block of 1024 uids per sandbox: concurrent evaluations never share a uid (its
+        # process limit, or the "uid" level's kill-everything-of-this-uid cleanup).
+        self.uid_base = uid_base or UID_FIRST + 1024 * secrets.randbelow(1 << 19)
+        if self.workers > 1024:
+            raise ValueError(f"at most 1024 sandbox workers, got {self.workers}")
         self.root = Path(tempfile.mkdtemp(prefix="mtp-sandbox-"))
         os.chmod(self.root, 0o711)
         levels: list[Level] = [level] if level else (["namespaces", "uid"] if os.geteuid() == 0 else ["none"])
@@ -182,8 +187,7 @@ class Sandbox:
                 proc.wait(timeout=lim.timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
-            self._kill(proc.pid, uid if root and self.level == "uid" else None)
-            proc.wait()
+            self._kill(proc, uid if root and self.level == "uid" else None)
             boot_error = _read_all(status_r)
         finally:
             os.close(status_r)
@@ -192,12 +196,19 @@ class Sandbox:
         outcome = classify(_read(box / "stdout"), _read(box / "stderr"), proc.returncode, timed_out, nonce)
         return dataclasses.replace(outcome, stdout=outcome.stdout[-KEEP_BYTES:], stderr=outcome.stderr[-KEEP_BYTES:])
 
-    def _kill(self, pgid: int, uid: int | None) -> None:
-        """Kills the program's session (and at the "uid" level every process of its uid)."""
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def _kill(self, proc: subprocess.Popen, uid: int | None) -> None:
+        """Kills what is left of the program and waits for it: the namespace's first process (the
+        kernel kills and reaps the rest of the namespace before `unshare` sees it exit), the
+        session, and at the "uid" level every process of the uid."""
+        if self.level == "namespaces":
+            for child in _children(proc.pid):
+                _signal(os.kill, child)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal(os.killpg, proc.pid)
+        proc.wait()
         if uid is not None:
             subprocess.run([sys.executable, "-I", "-S", "-B", str(BOOT), "--kill-uid", str(uid)], check=True,
                            env={}, stdin=subprocess.DEVNULL)
@@ -224,6 +235,20 @@ class Sandbox:
         """What the results were measured under (stored with every evaluation)."""
         return {"level": self.level, "python": self.python, "python_version": self.python_version,
                 "workers": self.workers, **dataclasses.asdict(self.limits)}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _signal(kill: Callable[[int, int], None], target: int) -> None:
+    try:
+        kill(target, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _read(path: Path) -> str:
