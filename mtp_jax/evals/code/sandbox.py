@@ -8,7 +8,8 @@ session, killed as a whole when it ends or times out. On top of that, by isolati
 - "namespaces" (running as root, `unshare` works; CI and this machine): fresh pid, network,
   mount, IPC and UTS namespaces; a private tmpfs /tmp (the working directory is /tmp/work) and
   read-only empty tmpfs over /var/tmp, /dev/shm, /run/lock; an unprivileged uid per worker slot
-  (so one program's fork bomb cannot starve another of processes) with no_new_privs. When the
+  (so one program's fork bomb cannot starve another of processes; each sandbox takes a random
+  block of uids, so concurrent evaluations share none) with no_new_privs. When the
   namespace's first process exits, the kernel kills everything left in it.
 - "uid" (root without namespaces): the unprivileged uid per slot, and after each program every
   process of that uid is killed; the program shares the host's network and can write only
