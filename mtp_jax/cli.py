@@ -23,10 +23,17 @@ def train_main(argv: list[str]) -> int:
 
 @guarded
 def eval_main(argv: list[str]) -> int:
-    ap = ArgParser(prog="mtp-eval", description="Held-out loss, perplexity, bits/byte, top-1 per head.")
+    from mtp_jax.evals.code import cli as code
+
+    ap = ArgParser(prog="mtp-eval", description="Held-out loss, perplexity, bits/byte, top-1 per head; or pass@k.")
     ap.add_argument("run_dir")
+    ap.add_argument("--task", default="heldout", choices=["heldout", *code.TASKS])
     ap.add_argument("--batches", type=int, default=0, help="evaluation batches (0 = train.eval_batches of the run)")
+    code.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.task in code.TASKS:
+        print(json.dumps(code.run_task(args)["metrics"]))
+        return 0
     from mtp_jax.evals.cli import evaluate_run
 
     result = evaluate_run(args.run_dir, args.batches or None)
