@@ -1,13 +1,33 @@
-"""Console entry points. Every user error ends as one `error: ...` line and exit code 2 (`errors.guarded`)."""
+"""Console entry points. Every user error ends as one `error: ...` line and exit code 2 (`errors.guarded`);
+Ctrl-C anywhere (start-up, compile, step, save) as one line and exit code 130 (`interrupts`)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Callable
 
-from mtp_jax.errors import ArgParser, guarded
+from mtp_jax import interrupts
+from mtp_jax.errors import ArgParser, UserError, guarded
+
+Main = Callable[[list[str] | None], int]
 
 
+def interruptible(main: Main) -> Main:
+    """Runs a command with the Ctrl-C watcher: status 130, one line, no interpreter teardown (see interrupts.py)."""
+
+    def run(argv: list[str] | None = None) -> int:
+        interrupts.install()
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            interrupts.exit_interrupted()
+
+    run.__doc__ = main.__doc__
+    return run
+
+
+@interruptible
 @guarded
 def train_main(argv: list[str]) -> int:
     ap = ArgParser(prog="mtp-train", description="Train an MTP model; resumes when RUN_DIR has a checkpoint.")
@@ -21,12 +41,15 @@ def train_main(argv: list[str]) -> int:
     return 0 if result else 1
 
 
+@interruptible
 @guarded
 def eval_main(argv: list[str]) -> int:
     ap = ArgParser(prog="mtp-eval", description="Held-out loss, perplexity, bits/byte, top-1 per head.")
     ap.add_argument("run_dir")
     ap.add_argument("--batches", type=int, default=0, help="evaluation batches (0 = train.eval_batches of the run)")
     args = ap.parse_args(argv)
+    if args.batches < 0:
+        raise UserError(f"--batches {args.batches} must be >= 0 (0 = train.eval_batches of the run)")
     from mtp_jax.evals.cli import evaluate_run
 
     result = evaluate_run(args.run_dir, args.batches or None)
@@ -34,6 +57,7 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
+@interruptible
 def generate_main(argv: list[str] | None = None) -> int:
     from mtp_jax.decode.cli import main
 
