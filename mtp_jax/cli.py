@@ -35,9 +35,11 @@ def train_main(argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=30 train.run_dir=runs/demo")
     args = ap.parse_args(argv)
     from mtp_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before importing JAX: a config error is instant
     from mtp_jax.train import train
 
-    result = train(load_config(args.config, args.overrides))
+    result = train(cfg)
     return 0 if result else 1
 
 

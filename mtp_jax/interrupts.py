@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from mtp_jax.errors import EXIT_INTERRUPTED
 
-GRACE_S = 5.0
+GRACE_S = float(os.environ.get("MTP_INTERRUPT_GRACE_S", "5"))  # tests raise it to reach the second Ctrl-C
 _said = threading.Lock()
 
 

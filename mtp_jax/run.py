@@ -125,6 +125,20 @@ def clear_unfinished_run(run_dir: Path) -> list[str]:
     return gone
 
 
+def read_tokenizer(folder: Path) -> Any:
+    """A run's saved tokenizer, or one line saying it is damaged (the tokenizers library raises bare Exceptions)."""
+    from mtp_jax.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(folder)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to parse these two files means a damaged tokenizer
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"the tokenizer in {folder} is unreadable ({reason}); restore tokenizer/ from a backup "
+                          f"of the run") from None
+
+
 def read_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -135,12 +149,11 @@ def read_config(run_dir: str | Path) -> Config:
 def restore_run(run_dir: str | Path, step: int | None = None) -> Restored:
     """Built objects, tokenizer, params and step of a run's newest (or given) checkpoint, on one local device."""
     from mtp_jax.checkpoint import Checkpointer
-    from mtp_jax.data.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    tokenizer = read_tokenizer(run_dir / "tokenizer")
     built = build(cfg, jax.local_devices()[:1])
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, 1, async_save=False, read_only=True)
     try:

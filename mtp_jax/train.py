@@ -26,7 +26,8 @@ from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
 from mtp_jax.metrics import DivergenceGuard, MetricsWriter
 from mtp_jax.optim import schedule
-from mtp_jax.run import build, check_resume, clear_unfinished_run, read_config, resolve_vocab, write_run_files
+from mtp_jax.run import (build, check_resume, clear_unfinished_run, read_config, read_tokenizer, resolve_vocab,
+                         write_run_files)
 
 
 def log(message: str) -> None:
@@ -77,6 +78,8 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, A
     if resuming and not (run_dir / "tokenizer").is_dir():
         raise ConfigError(f"{run_dir} has checkpoints but no tokenizer/ folder; restore it from a backup (a new "
                           f"tokenizer would not match the checkpoint's embeddings) or use a new train.run_dir")
+    if resuming:
+        read_tokenizer(run_dir / "tokenizer")  # damaged: one line now, not a traceback from the tokenizers library
     saved = read_config(run_dir) if resuming and (run_dir / "config.yaml").is_file() else None
     if saved is not None:
         check_resume(saved, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=saved.model.vocab_size)))
@@ -111,6 +114,7 @@ def train(cfg: Config) -> dict:
     try:
         return _train(cfg, run_dir, ckpt)
     except KeyboardInterrupt:
+        pause_point("interrupted")
         ckpt.discard_unfinished()  # Ctrl-C does not save: committed checkpoints stay, a half-written one goes
         interrupts.exit_interrupted()
     finally:
