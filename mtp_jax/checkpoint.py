@@ -14,6 +14,7 @@ import contextlib
 import gc
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -93,9 +94,8 @@ class Checkpointer:
         policy = policies.AnySavePolicy(  # no Orbax "initial save": step 1 is not a save step
             [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]
         )
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy,
-            create=not read_only, read_only=read_only,
+        options = ocp.CheckpointManagerOptions(  # Orbax deletes old steps only when saving, which read-only users never do
+            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy, create=not read_only
         )
         self.read_only = read_only
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
@@ -119,8 +119,16 @@ class Checkpointer:
         latest = self._manager.latest_step()
         return (latest is None or step > latest) and self._manager.should_save(step)
 
+    def settle(self, timeout_s: float) -> None:
+        """After Ctrl-C: lets an in-flight async save commit for up to `timeout_s` (Orbax creates its temporary
+        folder in the background, so deleting at once can race it), then deletes whatever is still unfinished."""
+        waiter = threading.Thread(target=self._manager.wait_until_finished, daemon=True)
+        waiter.start()
+        waiter.join(timeout_s)
+        self.discard_unfinished()
+
     def discard_unfinished(self) -> None:
-        """After Ctrl-C: deletes this process's half-written save (the run's lock says no one else writes here)."""
+        """Deletes half-written saves (the run's lock says no one else writes here)."""
         if jax.process_index() == 0:
             for path in self._unfinished():
                 path.rmtree()

@@ -6,12 +6,13 @@ Follow one step: `mtp-train` (cli.py) -> `train(cfg)` here -> `StepFns.train_ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -28,6 +29,9 @@ from mtp_jax.metrics import DivergenceGuard, MetricsWriter
 from mtp_jax.optim import schedule
 from mtp_jax.run import (build, check_resume, clear_unfinished_run, read_config, read_tokenizer, resolve_vocab,
                          write_run_files)
+
+
+SETTLE_S = 3.0  # below interrupts.GRACE_S, after which the process is forced out
 
 
 def log(message: str) -> None:
@@ -70,6 +74,15 @@ def _global_batch(local: dict[str, np.ndarray], batch_sharding: Any) -> dict[str
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
+@contextlib.contextmanager
+def _unreadable_data() -> Iterator[None]:
+    """A data file we may not read is a user error (the run directory itself was checked writable)."""
+    try:
+        yield
+    except PermissionError as err:
+        raise ConfigError(f"cannot read {err.filename} (permission denied); fix its permissions or data.path") from None
+
+
 def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, Any]:
     """Validates everything that can be checked against RUN_DIR before writing to it; returns the config
     (vocab resolved) and the tokenizer. A resume needs its tokenizer/; a run with no checkpoint starts afresh."""
@@ -87,7 +100,8 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, A
         gone = clear_unfinished_run(run_dir)
         if gone:
             log(f"note: {run_dir} holds {', '.join(gone)} of a run that saved no checkpoint; starting afresh")
-    tokenizer = _tokenizer(cfg, run_dir)
+    with _unreadable_data():
+        tokenizer = _tokenizer(cfg, run_dir)
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
     if saved is not None:
         changed = check_resume(saved, cfg)
@@ -104,8 +118,9 @@ def train(cfg: Config) -> dict:
     distributed.initialize(cfg.distributed)
     run_dir = Path(cfg.train.run_dir)
     primary = jax.process_index() == 0
+    lock.prepare_run_dir(run_dir)
     if primary:
-        lock.acquire(lock.prepare_run_dir(run_dir))
+        lock.acquire(run_dir)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("run_dir")
     pause_point("startup")
@@ -115,7 +130,7 @@ def train(cfg: Config) -> dict:
         return _train(cfg, run_dir, ckpt)
     except KeyboardInterrupt:
         pause_point("interrupted")
-        ckpt.discard_unfinished()  # Ctrl-C does not save: committed checkpoints stay, a half-written one goes
+        ckpt.settle(SETTLE_S)  # Ctrl-C starts no save; one in flight commits within SETTLE_S or is deleted
         interrupts.exit_interrupted()
     finally:
         ckpt.wait()
@@ -129,7 +144,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
     fns, tcfg = built.fns, cfg.train
     pidx, pcount = jax.process_index(), jax.process_count()
     restored = ckpt.restore(fns.abstract_state)  # checks the checkpoint's shapes against this model
-    data_iter = pipeline.make_train_iterator(cfg, tokenizer, run_dir, pidx, pcount)
+    with _unreadable_data():
+        data_iter = pipeline.make_train_iterator(cfg, tokenizer, run_dir, pidx, pcount)
     if primary:
         write_run_files(run_dir, cfg)
     replicated = sharding.unsharded_fraction(fns.state_shardings["params"], built.mtp.abstract_params())

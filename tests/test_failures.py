@@ -108,6 +108,7 @@ def test_a_second_trainer_is_refused_at_once(tmp_path: Path) -> None:
     lock.acquire(run_dir)  # the OS released the dead trainer's lock: its resume is not blocked
 
 
+@pytest.mark.slow
 def test_failed_first_run_does_not_block_the_corrected_retry(tmp_path: Path) -> None:
     run_dir, corpus = tmp_path / "run", tmp_path / "corpus"
     corpus.mkdir()
@@ -227,3 +228,18 @@ def test_decode_memory_budget_and_context_warning(tiny, capsys) -> None:
         check_budget(cfg, 100, 28, total - 1)
     check_budget(cfg, 100, 28, total)
     assert "exceeds the trained context train.seq_len=16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_after_divergence_lists_changed_settings_and_evaluates_periodically(diverged, tmp_path: Path) -> None:
+    run = copy_run(diverged, tmp_path)
+    done = command(*train_args(run, "optim.lr=1e-3", "train.seq_len=16", "train.eval_every=6"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    [warning] = [line for line in done.stderr.splitlines() if "resuming with changed settings" in line]
+    assert "optim.lr 1000000.0 -> 0.001" in warning and "train.seq_len 32 -> 16" in warning
+    assert f"resumed from step {max(checkpoint_steps(diverged[0]))}" in done.stderr
+    assert checkpoint_steps(run)[-1] == 20
+    evaluated = sorted(r.name for r in (run / "evals" / "heldout").iterdir())  # train.eval_every=6, then the end
+    assert evaluated == [f"step_{s:08d}.json" for s in (6, 12, 18, 20)]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(v) for row in rows for v in row.values())
