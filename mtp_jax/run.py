@@ -1,6 +1,7 @@
 """A run directory and the objects built from its config.
 
 RUN_DIR/
+  .lock              held by the one trainer writing here (lock.py)
   config.yaml        resolved config (vocab size filled in from the tokenizer)
   versions.json      software and device versions
   tokenizer/         the tokenizer every later command loads

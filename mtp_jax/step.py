@@ -2,7 +2,8 @@
 
 State = {"step": int32, "params": ..., "opt_state": ...}. The train step splits the global
 batch into micro-batches (gradient accumulation), computes the MTP loss and gradient (memory
-flat in n, see `loss.py`), applies AdamW and donates the old state.
+flat in n, see `loss.py`), applies AdamW and donates the old state; a step whose loss, gradient
+norm or new parameters are not finite keeps the old state (`keep_if_finite`).
 """
 
 from __future__ import annotations

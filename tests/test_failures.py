@@ -23,7 +23,8 @@ from test_train import ROOT, TINY, checkpoint_steps, finish, mtp_train
 
 from mtp_jax import lock
 from mtp_jax.decode.cli import check_budget, decode_bytes
-from mtp_jax.errors import EXIT_DIVERGED, EXIT_USER, UserError
+from mtp_jax.errors import EXIT_DIVERGED, EXIT_USER, DivergenceError, UserError
+from mtp_jax.metrics import DivergenceGuard
 from mtp_jax.run import build, resolve_vocab
 from mtp_jax.step import keep_if_finite
 
@@ -243,3 +244,15 @@ def test_resume_after_divergence_lists_changed_settings_and_evaluates_periodical
     assert evaluated == [f"step_{s:08d}.json" for s in (6, 12, 18, 20)]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(v) for row in rows for v in row.values())
+
+
+def test_guard_counts_skipped_steps_up_to_the_checked_one() -> None:
+    """train.max_skipped_steps: bad steps are tolerated up to the bound; flags after `upto` wait for later."""
+    guard = DivergenceGuard(allowed=2)
+    for step, flag in enumerate([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], start=1):
+        guard.add(step, np.float32(flag))
+    guard.check(5, last_good=4)  # step 6 not counted yet: one skipped
+    guard.check(6, last_good=4)  # two skipped: still within the bound
+    guard.add(7, np.float32(1.0))
+    with pytest.raises(DivergenceError, match=r"diverged at step 2: .*3 step\(s\) skipped.*step 4, is good"):
+        guard.check(7, last_good=4)
