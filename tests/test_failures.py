@@ -4,7 +4,6 @@ evaluation, and every bad input as one `error:` line with exit status 2 (issue 1
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -119,10 +118,12 @@ def test_failed_first_run_does_not_block_the_corrected_retry(tmp_path: Path) -> 
                    f"data.path={corpus}-typo", "data.tokenizer=bytes")
     assert typo.returncode == EXIT_USER and "does not exist" in typo.stderr
     retry = command("train", QUICKSTART, *TINY, f"train.run_dir={run_dir}", "data.source=files", f"data.path={corpus}",
-                    "data.tokenizer=bpe", "data.bpe_vocab_size=300", "train.steps=1", "train.eval_batches=1",
+                    "data.tokenizer=bpe", "data.bpe_vocab_size=300", "train.steps=2", "train.eval_every=1", "train.eval_batches=1",
                     "train.batch_size=2", "train.tensorboard=false")
     assert retry.returncode == 0, retry.stderr[-2000:]
     assert json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["name"] == "bpe-300"
+    evaluated = sorted(r.name for r in (run_dir / "evals" / "heldout").iterdir())  # train.eval_every=1
+    assert evaluated == ["step_00000001.json", "step_00000002.json"]
 
 
 def copy_run(diverged, tmp: Path) -> Path:
@@ -232,18 +233,16 @@ def test_decode_memory_budget_and_context_warning(tiny, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_resume_after_divergence_lists_changed_settings_and_evaluates_periodically(diverged, tmp_path: Path) -> None:
+def test_resume_lists_changed_settings_and_still_writes_no_bad_checkpoint(diverged, tmp_path: Path) -> None:
+    """The newest good checkpoint of this run holds finite but huge weights (lr 1e6): the resume warns about the
+    changed settings, diverges again, and adds no checkpoint."""
     run = copy_run(diverged, tmp_path)
-    done = command(*train_args(run, "optim.lr=1e-3", "train.seq_len=16", "train.eval_every=6"))
-    assert done.returncode == 0, done.stderr[-3000:]
+    before = checkpoint_steps(run)
+    done = command(*train_args(run, "optim.lr=1e-3", "train.seq_len=16"))
     [warning] = [line for line in done.stderr.splitlines() if "resuming with changed settings" in line]
     assert "optim.lr 1000000.0 -> 0.001" in warning and "train.seq_len 32 -> 16" in warning
-    assert f"resumed from step {max(checkpoint_steps(diverged[0]))}" in done.stderr
-    assert checkpoint_steps(run)[-1] == 20
-    evaluated = sorted(r.name for r in (run / "evals" / "heldout").iterdir())  # train.eval_every=6, then the end
-    assert evaluated == [f"step_{s:08d}.json" for s in (6, 12, 18, 20)]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(v) for row in rows for v in row.values())
+    assert f"resumed from step {max(before)}" in done.stderr
+    assert done.returncode == EXIT_DIVERGED and checkpoint_steps(run) == before
 
 
 def test_guard_counts_skipped_steps_up_to_the_checked_one() -> None:
