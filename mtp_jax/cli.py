@@ -5,30 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Callable
 
-from mtp_jax import interrupts
 from mtp_jax.errors import ArgParser, UserError, guarded
-
-Main = Callable[[list[str] | None], int]
-
-
-def interruptible(main: Main) -> Main:
-    """Runs a command with the Ctrl-C watcher: status 130, one line, no interpreter teardown (see interrupts.py)."""
-
-    def run(argv: list[str] | None = None) -> int:
-        interrupts.install()
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            interrupts.exit_interrupted()
-
-    run.__doc__ = main.__doc__
-    return run
+from mtp_jax.interrupts import interruptible
 
 
-@interruptible
 @guarded
+@interruptible
 def train_main(argv: list[str]) -> int:
     ap = ArgParser(prog="mtp-train", description="Train an MTP model; resumes when RUN_DIR has a checkpoint.")
     ap.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
@@ -43,8 +26,8 @@ def train_main(argv: list[str]) -> int:
     return 0 if result else 1
 
 
-@interruptible
 @guarded
+@interruptible
 def eval_main(argv: list[str]) -> int:
     ap = ArgParser(prog="mtp-eval", description="Held-out loss, perplexity, bits/byte, top-1 per head.")
     ap.add_argument("run_dir")
@@ -59,7 +42,6 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
-@interruptible
 def generate_main(argv: list[str] | None = None) -> int:
     from mtp_jax.decode.cli import main
 

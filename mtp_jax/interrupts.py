@@ -14,12 +14,15 @@ import signal
 import socket
 import sys
 import threading
-from typing import NoReturn
+from typing import Callable, NoReturn, TypeVar
 
 from mtp_jax.errors import EXIT_INTERRUPTED
 
+Main = TypeVar("Main", bound=Callable[..., int])
+
 GRACE_S = float(os.environ.get("MTP_INTERRUPT_GRACE_S", "5"))  # tests raise it to reach the second Ctrl-C
 _said = threading.Lock()
+_installed = False
 
 
 def exit_interrupted() -> NoReturn:
@@ -32,8 +35,10 @@ def exit_interrupted() -> NoReturn:
 
 def install() -> None:
     """Starts the watcher; call once from the main thread before the command's work begins."""
-    if threading.current_thread() is not threading.main_thread():
+    global _installed
+    if _installed or threading.current_thread() is not threading.main_thread():
         return
+    _installed = True
     reader, writer = socket.socketpair()
     writer.setblocking(False)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -52,3 +57,18 @@ def _watch(reader: socket.socket, writer: socket.socket) -> None:
                 threading.Timer(GRACE_S, exit_interrupted).start()
             else:
                 exit_interrupted()
+
+
+def interruptible(main: Main) -> Main:
+    """Runs a command under the watcher; a Ctrl-C its own code did not handle ends it through `exit_interrupted`.
+    Put it inside `errors.guarded`, so the KeyboardInterrupt reaches this first."""
+
+    def run(*args, **kwargs) -> int:
+        install()
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            exit_interrupted()
+
+    run.__doc__ = main.__doc__
+    return run  # type: ignore[return-value]

@@ -13,6 +13,7 @@ import sys
 
 from mtp_jax.config import Config
 from mtp_jax.errors import ArgParser, ConfigError, guarded
+from mtp_jax.interrupts import interruptible
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +80,7 @@ def _memory_bytes() -> int:
 
 
 @guarded
+@interruptible
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     _check(args)
