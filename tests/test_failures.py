@@ -255,3 +255,12 @@ def test_guard_counts_skipped_steps_up_to_the_checked_one() -> None:
     guard.add(7, np.float32(1.0))
     with pytest.raises(DivergenceError, match=r"diverged at step 2: .*3 step\(s\) skipped.*step 4, is good"):
         guard.check(7, last_good=4)
+
+
+def test_override_values_are_parsed_by_the_field_type() -> None:
+    from mtp_jax.config import load_config
+
+    cfg = load_config(None, ["data.path=*.txt", "train.run_dir=null", "data.text_field=yes", "train.tensorboard=no",
+                             "train.loss_weights=[1, 0.5, 0.25, 0.125]", "optim.lr=3e-4", "data.source='files'"])
+    assert (cfg.data.path, cfg.train.run_dir, cfg.data.text_field, cfg.data.source) == ("*.txt", "null", "yes", "files")
+    assert cfg.train.tensorboard is False and cfg.train.loss_weights == [1, 0.5, 0.25, 0.125] and cfg.optim.lr == 3e-4
