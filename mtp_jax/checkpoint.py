@@ -4,7 +4,8 @@ Layout: DIR/<step>/{state,data}/. Orbax writes DIR/<step>.orbax-checkpoint-tmp-<
 to DIR/<step>/ only once every file is written (on GCS: a `commit_success.txt` marks it instead),
 so a save killed midway leaves a temporary directory that Orbax never lists. A committed step
 whose files were damaged later is only found when reading it fails: restore then falls back to
-the next older step and moves the broken one to DIR/<step>.unreadable-<time>/ (never deleted).
+the next older step and moves the broken one to DIR/<step>.unreadable-<time>/ (never deleted);
+read-only users (mtp-eval, mtp-generate) fall back the same way but move nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import gc
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +27,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mtp_jax.config import ConfigError
+from mtp_jax.hooks import pause_point
 
 
 def _warn(message: str) -> None:
@@ -83,15 +86,18 @@ def _first_difference(saved: Any, target: Any) -> str | None:
 class Checkpointer:
     """Saves every `save_every` steps (or when forced), keeps the newest `keep`, restores the newest readable."""
 
-    def __init__(self, directory: str | Path, keep: int, save_every: int, async_save: bool = True):
+    def __init__(self, directory: str | Path, keep: int, save_every: int, async_save: bool = True,
+                 read_only: bool = False):
+        """`read_only` (mtp-eval, mtp-generate): never create, rename or delete anything in `directory`."""
         local = "://" not in str(directory)  # Orbax needs absolute paths; train.run_dir is often relative
         self.directory = epath.Path(Path(directory).absolute() if local else directory)
         policy = policies.AnySavePolicy(  # no Orbax "initial save": step 1 is not a save step
             [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]
         )
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy
+        options = ocp.CheckpointManagerOptions(  # Orbax deletes old steps only when saving, which read-only users never do
+            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy, create=not read_only
         )
+        self.read_only = read_only
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
         self._swept = False
 
@@ -103,7 +109,29 @@ class Checkpointer:
         if not self._swept:
             self._remove_unfinished()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
-        return self._manager.save(step, args=args, force=force)
+        started = self._manager.save(step, args=args, force=force)
+        if started:
+            pause_point("save", step)
+        return started
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` would write: the loop checks for divergence first on exactly these steps."""
+        latest = self._manager.latest_step()
+        return (latest is None or step > latest) and self._manager.should_save(step)
+
+    def settle(self, timeout_s: float) -> None:
+        """After Ctrl-C: lets an in-flight async save commit for up to `timeout_s` (Orbax creates its temporary
+        folder in the background, so deleting at once can race it), then deletes whatever is still unfinished."""
+        waiter = threading.Thread(target=self._manager.wait_until_finished, daemon=True)
+        waiter.start()
+        waiter.join(timeout_s)
+        self.discard_unfinished()
+
+    def discard_unfinished(self) -> None:
+        """Deletes half-written saves (the run's lock says no one else writes here)."""
+        if jax.process_index() == 0:
+            for path in self._unfinished():
+                path.rmtree()
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
         """(step, state, data_state) of `step` or the newest readable checkpoint; None if there is none.
@@ -119,7 +147,8 @@ class Checkpointer:
         for i, candidate in enumerate(steps):
             restored, reason = self._attempt(candidate, abstract_state)
             if restored is not None:
-                self._set_aside(broken)
+                if not self.read_only:
+                    self._set_aside(broken)
                 return restored
             older = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
             _warn(f"checkpoint step {candidate} is unreadable ({reason}); {older}")
@@ -198,9 +227,7 @@ class Checkpointer:
     def _remove_unfinished(self) -> None:
         """Deletes saves a dead process left half-written, before our first save (never on restore-only use,
         where a live trainer may be writing one right now)."""
-        if jax.process_index() == 0:
-            for path in self._unfinished():
-                path.rmtree()
+        self.discard_unfinished()
         ocp.multihost.sync_global_processes("mtp_jax_checkpoint_remove_unfinished")
         self._swept = True
 

@@ -1,27 +1,33 @@
-"""Console entry points. Every user error ends as one `error: ...` line and exit code 2 (`errors.guarded`)."""
+"""Console entry points. Every user error ends as one `error: ...` line and exit code 2 (`errors.guarded`);
+Ctrl-C anywhere (start-up, compile, step, save) as one line and exit code 130 (`interrupts`)."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from mtp_jax.errors import ArgParser, guarded
+from mtp_jax.errors import ArgParser, UserError, guarded
+from mtp_jax.interrupts import interruptible
 
 
 @guarded
+@interruptible
 def train_main(argv: list[str]) -> int:
     ap = ArgParser(prog="mtp-train", description="Train an MTP model; resumes when RUN_DIR has a checkpoint.")
     ap.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=30 train.run_dir=runs/demo")
     args = ap.parse_args(argv)
     from mtp_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before importing JAX: a config error is instant
     from mtp_jax.train import train
 
-    result = train(load_config(args.config, args.overrides))
+    result = train(cfg)
     return 0 if result else 1
 
 
 @guarded
+@interruptible
 def eval_main(argv: list[str]) -> int:
     from mtp_jax.evals.code import cli as code
 
@@ -34,6 +40,8 @@ def eval_main(argv: list[str]) -> int:
     if args.task in code.TASKS:
         print(json.dumps(code.run_task(args)["metrics"]))
         return 0
+    if args.batches < 0:
+        raise UserError(f"--batches {args.batches} must be >= 0 (0 = train.eval_batches of the run)")
     from mtp_jax.evals.cli import evaluate_run
 
     result = evaluate_run(args.run_dir, args.batches or None)

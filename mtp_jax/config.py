@@ -140,7 +140,7 @@ class TrainConfig:
     ce_chunk: int = 512  # sequence positions per cross-entropy chunk
     step_impl: str = "flat"  # flat (memory-flat heads) | naive (all logits at once)
     log_every: int = 10
-    eval_every: int = 0  # 0 = only at the end
+    eval_every: int = 0  # held-out evaluation every N steps into evals/heldout/ (0 = only at the end)
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -148,6 +148,8 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the device kind
+    max_skipped_steps: int = 0  # non-finite steps skipped (update not applied) before the run stops as diverged
+    allow_data_change: bool = False  # resume even though the data source or tokenizer settings changed
 
 
 @dataclasses.dataclass
@@ -204,18 +206,25 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         except ValueError:
             raise ConfigError(f"{key}={value!r} is not a number; give e.g. 3e-4") from None
     if typ is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{key}={value!r} is not a string")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}={value!r} is not a string; quote it in YAML")
         return str(value)
     if typ is list or origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip() else []
+            value = _parse_yaml_value(value, key, "a list like [1, 0.5]") if value.strip() else []
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} is not a list; write it as [a, b, ...]")
         return value
     if isinstance(typ, types.UnionType):
         raise ConfigError(f"{key}: union types are not supported in configs")
     return value
+
+
+def _parse_yaml_value(raw: str, key: str, example: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}={raw!r} is not valid YAML ({str(err).splitlines()[0]}); write it as {example}") from None
 
 
 def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
@@ -227,6 +236,8 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             raise ConfigError(f"unknown config key '{full}'{_closest(key, names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
+            if isinstance(value, _Raw):
+                value = _parse_yaml_value(value, full, "{field: value}")
             if not isinstance(value, dict):
                 raise ConfigError(f"'{full}' is a section; set its fields as {full}.<field>=value")
             _apply(current, value, full + ".")
@@ -234,11 +245,19 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
+class _Raw(str):
+    """An override's text: each field's type parses it, so `data.path=*.txt` or `yes` stays a string."""
+
+
+def _unquote(raw: str) -> str:
+    return raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
+
+
 def _override_to_dict(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"override {item!r} has no '='; write it as section.key=value")
     dotted, raw = item.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw != "" else ""
+    value: Any = _Raw(_unquote(raw.strip()))
     for part in reversed(dotted.strip().split(".")):
         value = {part: value}
     return value
@@ -259,6 +278,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     include = loaded.pop("include", None)
     if include is None:
         return loaded
+    if not isinstance(include, str) or not include.strip():
+        raise ConfigError(f"config file '{path}' has include: {include!r}; give one file name, e.g. include: base.yaml")
     return _merge(_read_yaml(path.parent / include, seen + (path.resolve(),)), loaded)
 
 
@@ -324,6 +345,8 @@ def validate(cfg: Config) -> None:
         m.attn_heads % m.kv_heads_ == 0,
         f"model.attn_heads={m.attn_heads} is not a multiple of model.kv_heads={m.kv_heads}; pick kv_heads dividing it",
     )
+    for name in ("kv_heads", "head_dim", "d_ff"):
+        _check(getattr(m, name) >= 0, f"model.{name}={getattr(m, name)} must be >= 0 (0 = automatic)")
     _check(m.head_dim_ % 2 == 0, f"head dimension {m.head_dim_} must be even for rotary embeddings; change model.head_dim")
     _check(m.vocab_size >= 0, f"model.vocab_size={m.vocab_size} must be >= 0 (0 = from the tokenizer)")
     _check(
@@ -342,13 +365,26 @@ def validate(cfg: Config) -> None:
         not t.loss_weights or len(t.loss_weights) == m.mtp_heads,
         f"train.loss_weights has {len(t.loss_weights)} entries but model.mtp_heads={m.mtp_heads}; give one per head or []",
     )
-    _check(all(isinstance(w, (int, float)) for w in t.loss_weights), f"train.loss_weights={t.loss_weights} must be numbers")
+    _check(
+        all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in t.loss_weights)
+        and (not t.loss_weights or sum(t.loss_weights) > 0),
+        f"train.loss_weights={t.loss_weights} must be numbers >= 0, not all 0 (a negative weight maximises that "
+        f"head's loss); e.g. [1, 0.5]",
+    )
+    _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 = only at the end)")
+    _check(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be >= 1")
+    _check(t.max_skipped_steps >= 0, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0")
     _check(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
     _check(t.checkpoint_every >= 1, f"train.checkpoint_every={t.checkpoint_every} must be >= 1")
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1")
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
     _check(0 <= o.final_lr_ratio <= 1, f"optim.final_lr_ratio={o.final_lr_ratio} must be in [0, 1]")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(o.clip_norm > 0, f"optim.clip_norm={o.clip_norm} must be > 0 (global-norm clipping; e.g. 1.0)")
+    for name in ("b1", "b2"):
+        _check(0 <= getattr(o, name) < 1, f"optim.{name}={getattr(o, name)} must be in [0, 1), e.g. 0.9 / 0.95")
+    _check(o.eps > 0, f"optim.eps={o.eps} must be > 0, e.g. 1e-8")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0, e.g. 0.1")
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     _check(cfg.data.source != "arrayrecord",
            "data.source=arrayrecord was replaced by the prepared token store: run `mtp-prepare CONFIG OUT_DIR` on the "

@@ -1,4 +1,4 @@
-"""Joining a multi-process run, the global device grid, and a watchdog that names a lost peer.
+"""Joining a multi-process run and a watchdog that names a lost peer.
 
 How a process learns its place (`initialize`), first match wins:
   1. explicit: distributed.{coordinator_address,num_processes,process_id}, or for any left empty the
@@ -31,7 +31,6 @@ and stays as the backstop.
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import sys
 import threading
@@ -40,10 +39,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
-from jax.experimental import mesh_utils
 
-from mtp_jax.config import ConfigError, DistributedConfig, MeshConfig
+from mtp_jax.config import ConfigError, DistributedConfig
 
 ENV_COORDINATOR = "MTP_COORDINATOR"
 ENV_NUM_PROCESSES = "MTP_NUM_PROCESSES"
@@ -101,50 +98,6 @@ def describe() -> dict[str, Any]:
         "platform": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
     }
-
-
-def make_device_grid(mcfg: MeshConfig) -> np.ndarray:
-    """All devices arranged [dcn_data*data, dcn_fsdp*fsdp, tensor]; DCN factors span slices or processes.
-
-    Within a slice/host the layout follows the physical interconnect (create_device_mesh); across them
-    only the dcn_* factors cross the slow network (create_hybrid_device_mesh).
-    """
-    from mtp_jax.sharding import mesh_shape  # lazy: sharding imports this module
-
-    devices = jax.devices()
-    shape = mesh_shape(mcfg, len(devices))  # resolves -1; ConfigError unless the sizes multiply to len(devices)
-    dcn = (mcfg.dcn_data, mcfg.dcn_fsdp, 1)
-    if math.prod(dcn) == 1:
-        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
-    granules = _group(devices, "slice_index" if by_slice else "process_index")
-    unit = "slices" if by_slice else "processes"
-    if len(granules) % math.prod(dcn):
-        raise ConfigError(
-            f"mesh dcn_data={mcfg.dcn_data} x dcn_fsdp={mcfg.dcn_fsdp} = {math.prod(dcn)} does not divide the "
-            f"{len(granules)} {unit} of this run; set mesh.dcn_data x mesh.dcn_fsdp to a divisor of {len(granules)}"
-        )
-    ici = tuple(size // d for size, d in zip(shape, dcn))
-    if len(granules) == math.prod(dcn):
-        return mesh_utils.create_hybrid_device_mesh(
-            ici, dcn, devices, process_is_granule=not by_slice, allow_split_physical_axes=True
-        )
-    return _grouped_hybrid_grid(ici, dcn, granules)
-
-
-def _grouped_hybrid_grid(ici: tuple[int, ...], dcn: tuple[int, ...], granules: list[list[Any]]) -> np.ndarray:
-    """Several processes per DCN unit (e.g. one process per GPU): consecutive processes share a node."""
-    per_group = len(granules) // math.prod(dcn)
-    groups = [sum(granules[i : i + per_group], []) for i in range(0, len(granules), per_group)]
-    blocks = np.empty(dcn, dtype=object)
-    for index, group in zip(np.ndindex(*dcn), groups):
-        blocks[index] = mesh_utils.create_device_mesh(ici, group, allow_split_physical_axes=True)
-    return np.block(blocks.tolist())
-
-
-def _group(devices: list[Any], attr: str) -> list[list[Any]]:
-    keys = sorted({getattr(d, attr) for d in devices})
-    return [[d for d in devices if getattr(d, attr) == k] for k in keys]
 
 
 def _explicit_args(dcfg: DistributedConfig, env: Mapping[str, str]) -> dict[str, Any] | None:

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from mtp_jax.errors import DivergenceError
 
 
@@ -25,7 +27,8 @@ class MetricsWriter:
     def write(self, step: int, scalars: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
+        finite = {k: float(v) for k, v in scalars.items() if math.isfinite(float(v))}  # a skipped step's loss is NaN
+        row = {"step": step, **{f"{prefix}/{k}": v for k, v in finite.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -40,11 +43,29 @@ class MetricsWriter:
             self._tb.close()
 
 
-def check_finite(step: int, scalars: dict[str, float]) -> None:
-    """Stops a diverged run loudly rather than training on NaNs for a month."""
-    bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
-    if bad:
-        raise DivergenceError(
-            f"non-finite metrics at step {step}: {bad}; lower optim.lr or raise optim.warmup_steps, "
-            f"then resume from the last checkpoint"
-        )
+class DivergenceGuard:
+    """Counts the steps the jitted guard skipped (`step.keep_if_finite`). Each step's flag stays on the device
+    until `check`, which the loop calls before a save or a log of that step, so the loop never waits on it."""
+
+    def __init__(self, allowed: int):
+        self.allowed, self.skipped, self.first = allowed, 0, None
+        self._flags: list[tuple[int, Any]] = []
+
+    def add(self, step: int, skipped_flag: Any) -> None:
+        self._flags.append((step, skipped_flag))
+
+    def check(self, upto: int, last_good: int | None) -> None:
+        """Raises DivergenceError once more than `allowed` steps up to `upto` were skipped."""
+        ready = [(s, f) for s, f in self._flags if s <= upto]
+        self._flags = [(s, f) for s, f in self._flags if s > upto]
+        for step, flag in zip((s for s, _ in ready), jax.device_get([f for _, f in ready])):
+            if float(flag) > 0:
+                self.skipped += 1
+                self.first = step if self.first is None else self.first
+        if self.skipped > self.allowed:
+            kept = f"the newest checkpoint, step {last_good}, is good" if last_good is not None else "no checkpoint was written"
+            raise DivergenceError(
+                f"training diverged at step {self.first}: non-finite loss or gradient ({self.skipped} step(s) skipped, "
+                f"train.max_skipped_steps={self.allowed}); {kept}; lower optim.lr or raise optim.warmup_steps, "
+                f"then rerun to resume"
+            )

@@ -1,6 +1,7 @@
 """A run directory and the objects built from its config.
 
 RUN_DIR/
+  .lock              held by the one trainer writing here (lock.py)
   config.yaml        resolved config (vocab size filled in from the tokenizer)
   versions.json      software and device versions
   tokenizer/         the tokenizer every later command loads
@@ -24,13 +25,19 @@ import jax
 import yaml
 
 from mtp_jax import sharding
-from mtp_jax.config import Config, ConfigError, from_dict, to_yaml
+from mtp_jax.config import Config, ConfigError, from_dict, to_dict, to_yaml
+from mtp_jax.errors import DivergenceError
 from mtp_jax.model.transformer import MTP
 from mtp_jax.optim import make_optimizer
 from mtp_jax.step import StepFns
 
 
 VOCAB_MULTIPLE = 128
+# What a run that never saved a checkpoint leaves: a retry replaces it rather than tripping on it.
+RUN_FILES = ("config.yaml", "versions.json", "data_manifest.json", "metrics.jsonl", "tokenizer")
+# Keys whose change on resume says nothing about the run (where it runs, how it reports).
+QUIET_KEYS = ("train.run_dir", "train.progress", "train.tensorboard", "train.log_every", "train.async_checkpoint",
+              "train.peak_flops", "train.allow_data_change", "data.worker_count", "mesh.", "distributed.")
 
 
 class Built(NamedTuple):
@@ -87,6 +94,52 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def check_resume(saved: Config, cfg: Config) -> list[str]:
+    """Compares a resumed run's saved config with this one (vocab sizes resolved in both). A changed data
+    source or tokenizer is refused unless train.allow_data_change=true: the data iterator's position and the
+    checkpoint's embeddings belong to the old one. Returns the other changed keys as 'key old -> new'."""
+    old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    changed = [k for k in new if old.get(k) != new[k] and not k.startswith(QUIET_KEYS)]
+    data = [k for k in changed if k.startswith("data.")]
+    if data and not cfg.train.allow_data_change:
+        what = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in data)
+        raise ConfigError(f"resuming {cfg.train.run_dir} with a different data source or tokenizer ({what}); "
+                          f"restore those values, use a new train.run_dir, or set train.allow_data_change=true")
+    return [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed]
+
+
+def clear_unfinished_run(run_dir: Path) -> list[str]:
+    """Deletes what a run that never saved a checkpoint left (only called when there is no checkpoint)."""
+    import shutil
+
+    gone = [name for name in RUN_FILES if (run_dir / name).exists()]
+    for name in gone:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return gone
+
+
+def read_tokenizer(folder: Path) -> Any:
+    """A run's saved tokenizer, or one line saying it is damaged (the tokenizers library raises bare Exceptions)."""
+    from mtp_jax.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(folder)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to parse these two files means a damaged tokenizer
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"the tokenizer in {folder} is unreadable ({reason}); restore tokenizer/ from a backup "
+                          f"of the run") from None
+
+
 def read_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -97,21 +150,24 @@ def read_config(run_dir: str | Path) -> Config:
 def restore_run(run_dir: str | Path, step: int | None = None) -> Restored:
     """Built objects, tokenizer, params and step of a run's newest (or given) checkpoint, on one local device."""
     from mtp_jax.checkpoint import Checkpointer
-    from mtp_jax.data.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    tokenizer = read_tokenizer(run_dir / "tokenizer")
     built = build(cfg, jax.local_devices()[:1])
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, save_every=1, async_save=False)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, 1, async_save=False, read_only=True)
     try:
         restored = ckpt.restore(built.fns.abstract_state, step=step)
     finally:
         ckpt.close()
     if restored is None:
         raise ConfigError(f"run directory '{run_dir}' has no checkpoint yet; train first (mtp-train ... train.run_dir={run_dir})")
-    return Restored(built, tokenizer, restored[1]["params"], restored[0])
+    params = restored[1]["params"]
+    if not all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(params)):
+        raise DivergenceError(f"checkpoint step {restored[0]} in {run_dir} holds non-finite weights (the run diverged); "
+                              f"move that step's folder away to use the one before it")
+    return Restored(built, tokenizer, params, restored[0])
 
 
 def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Config, Any, MTP, Any]:

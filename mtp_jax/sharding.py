@@ -1,4 +1,4 @@
-"""Device mesh and logical-axis sharding rules (t5x/MaxText style, rules as config data).
+"""Device meshes (single- and multi-host grids) and logical-axis sharding rules (t5x/MaxText style, rules as config data).
 
 Parameters carry logical axis names ("embed", "mlp", "vocab", ...). `MeshConfig.rules` maps
 each logical name to mesh axes; everything not named is replicated. Activations are
@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mtp_jax.config import ConfigError, MeshConfig
@@ -57,12 +58,52 @@ def make_mesh(mcfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(mcfg, len(devices))
     if devices == jax.devices() and (mcfg.dcn_data > 1 or mcfg.dcn_fsdp > 1 or jax.process_count() > 1):
-        from mtp_jax.distributed import make_device_grid
-
         grid = make_device_grid(mcfg)
     else:
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def make_device_grid(mcfg: MeshConfig) -> np.ndarray:
+    """All devices arranged [dcn_data*data, dcn_fsdp*fsdp, tensor]; DCN factors span slices or processes.
+
+    Within a slice/host the layout follows the physical interconnect (create_device_mesh); across them
+    only the dcn_* factors cross the slow network (create_hybrid_device_mesh).
+    """
+    devices = jax.devices()
+    shape = mesh_shape(mcfg, len(devices))  # resolves -1; ConfigError unless the sizes multiply to len(devices)
+    dcn = (mcfg.dcn_data, mcfg.dcn_fsdp, 1)
+    if math.prod(dcn) == 1:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+    granules = _group(devices, "slice_index" if by_slice else "process_index")
+    unit = "slices" if by_slice else "processes"
+    if len(granules) % math.prod(dcn):
+        raise ConfigError(
+            f"mesh dcn_data={mcfg.dcn_data} x dcn_fsdp={mcfg.dcn_fsdp} = {math.prod(dcn)} does not divide the "
+            f"{len(granules)} {unit} of this run; set mesh.dcn_data x mesh.dcn_fsdp to a divisor of {len(granules)}"
+        )
+    ici = tuple(size // d for size, d in zip(shape, dcn))
+    if len(granules) == math.prod(dcn):
+        return mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=not by_slice, allow_split_physical_axes=True
+        )
+    return _grouped_hybrid_grid(ici, dcn, granules)
+
+
+def _grouped_hybrid_grid(ici: tuple[int, ...], dcn: tuple[int, ...], granules: list[list[Any]]) -> np.ndarray:
+    """Several processes per DCN unit (e.g. one process per GPU): consecutive processes share a node."""
+    per_group = len(granules) // math.prod(dcn)
+    groups = [sum(granules[i : i + per_group], []) for i in range(0, len(granules), per_group)]
+    blocks = np.empty(dcn, dtype=object)
+    for index, group in zip(np.ndindex(*dcn), groups):
+        blocks[index] = mesh_utils.create_device_mesh(ici, group, allow_split_physical_axes=True)
+    return np.block(blocks.tolist())
+
+
+def _group(devices: list[Any], attr: str) -> list[list[Any]]:
+    keys = sorted({getattr(d, attr) for d in devices})
+    return [[d for d in devices if getattr(d, attr) == k] for k in keys]
 
 
 def rules_dict(rules: list) -> dict[str, tuple[str, ...]]:

@@ -2,7 +2,8 @@
 
 State = {"step": int32, "params": ..., "opt_state": ...}. The train step splits the global
 batch into micro-batches (gradient accumulation), computes the MTP loss and gradient (memory
-flat in n, see `loss.py`), applies AdamW and donates the old state.
+flat in n, see `loss.py`), applies AdamW and donates the old state; a step whose loss, gradient
+norm or new parameters are not finite keeps the old state (`keep_if_finite`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from mtp_jax.loss import as_metrics, head_counts, loss_weights, mtp_loss
 from mtp_jax.model.transformer import MTP
 
 State = dict[str, Any]
+
+
+def keep_if_finite(new: State, old: State, metrics: dict) -> tuple[State, dict]:
+    """The divergence guard: a step whose loss, gradient norm or new parameters are not finite keeps the
+    old parameters and optimizer state and reports `skipped` = 1, which the loop counts before every save."""
+    finite = lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & finite(new["params"])
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, {k: old[k] for k in new})
+    return kept, {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}
 
 
 class StepFns:
@@ -81,7 +91,8 @@ class StepFns:
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.global_norm(grads)
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        kept, metrics = keep_if_finite({"params": params, "opt_state": opt_state}, state, metrics)
+        return {"step": state["step"] + 1, **kept}, metrics
 
     @functools.cached_property
     def train_step(self) -> Callable[[State, dict], tuple[State, dict]]:

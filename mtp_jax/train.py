@@ -6,25 +6,32 @@ Follow one step: `mtp-train` (cli.py) -> `train(cfg)` here -> `StepFns.train_ste
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mtp_jax import distributed, sharding
+from mtp_jax import distributed, interrupts, lock, sharding
 from mtp_jax.checkpoint import Checkpointer
-from mtp_jax.config import Config
+from mtp_jax.config import Config, ConfigError
 from mtp_jax.data import pipeline
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
-from mtp_jax.metrics import MetricsWriter, check_finite
+from mtp_jax.hooks import pause_point
+from mtp_jax.metrics import DivergenceGuard, MetricsWriter
 from mtp_jax.optim import schedule
-from mtp_jax.run import build, resolve_vocab, write_run_files
+from mtp_jax.run import (build, check_resume, clear_unfinished_run, read_config, read_tokenizer, resolve_vocab,
+                         write_run_files)
+
+
+SETTLE_S = 3.0  # below interrupts.GRACE_S, after which the process is forced out
 
 
 def log(message: str) -> None:
@@ -67,16 +74,78 @@ def _global_batch(local: dict[str, np.ndarray], batch_sharding: Any) -> dict[str
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
+@contextlib.contextmanager
+def _unreadable_data() -> Iterator[None]:
+    """A data file we may not read is a user error (the run directory itself was checked writable)."""
+    try:
+        yield
+    except PermissionError as err:
+        raise ConfigError(f"cannot read {err.filename} (permission denied); fix its permissions or data.path") from None
+
+
+def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, Any]:
+    """Validates everything that can be checked against RUN_DIR before writing to it; returns the config
+    (vocab resolved) and the tokenizer. A resume needs its tokenizer/; a run with no checkpoint starts afresh."""
+    primary = jax.process_index() == 0
+    resuming = ckpt.latest_step() is not None
+    if resuming and not (run_dir / "tokenizer").is_dir():
+        raise ConfigError(f"{run_dir} has checkpoints but no tokenizer/ folder; restore it from a backup (a new "
+                          f"tokenizer would not match the checkpoint's embeddings) or use a new train.run_dir")
+    if resuming:
+        read_tokenizer(run_dir / "tokenizer")  # damaged: one line now, not a traceback from the tokenizers library
+    saved = read_config(run_dir) if resuming and (run_dir / "config.yaml").is_file() else None
+    if saved is not None:
+        check_resume(saved, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=saved.model.vocab_size)))
+    if not resuming and primary:
+        gone = clear_unfinished_run(run_dir)
+        if gone:
+            log(f"note: {run_dir} holds {', '.join(gone)} of a run that saved no checkpoint; starting afresh")
+    with _unreadable_data():
+        tokenizer = _tokenizer(cfg, run_dir)
+    cfg = resolve_vocab(cfg, tokenizer.vocab_size)
+    if saved is not None:
+        changed = check_resume(saved, cfg)
+        if changed:
+            log(f"warning: resuming with changed settings: {'; '.join(changed)}")
+    if cfg.optim.warmup_steps > cfg.train.steps:
+        log(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} is longer than train.steps={cfg.train.steps}: "
+            f"the learning rate never reaches optim.lr")
+    return cfg, tokenizer
+
+
 def train(cfg: Config) -> dict:
     """Trains (resuming if RUN_DIR has a checkpoint) and returns the final held-out evaluation."""
     distributed.initialize(cfg.distributed)
     run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
-    tokenizer = _tokenizer(cfg, run_dir)
-    cfg = resolve_vocab(cfg, tokenizer.vocab_size)
+    lock.prepare_run_dir(run_dir)
+    if primary:
+        lock.acquire(run_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("run_dir")
+    pause_point("startup")
+    tcfg = cfg.train
+    ckpt = Checkpointer(run_dir / "checkpoints", tcfg.keep_checkpoints, tcfg.checkpoint_every, tcfg.async_checkpoint)
+    try:
+        return _train(cfg, run_dir, ckpt)
+    except KeyboardInterrupt:
+        pause_point("interrupted")
+        ckpt.settle(SETTLE_S)  # Ctrl-C starts no save; one in flight commits within SETTLE_S or is deleted
+        interrupts.exit_interrupted()
+    finally:
+        ckpt.wait()
+        ckpt.close()
+
+
+def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
+    primary = jax.process_index() == 0
+    cfg, tokenizer = _open_run(cfg, run_dir, ckpt)
     built = build(cfg)
     fns, tcfg = built.fns, cfg.train
+    pidx, pcount = jax.process_index(), jax.process_count()
+    restored = ckpt.restore(fns.abstract_state)  # checks the checkpoint's shapes against this model
+    with _unreadable_data():
+        data_iter = pipeline.make_train_iterator(cfg, tokenizer, run_dir, pidx, pcount)
     if primary:
         write_run_files(run_dir, cfg)
     replicated = sharding.unsharded_fraction(fns.state_shardings["params"], built.mtp.abstract_params())
@@ -85,11 +154,6 @@ def train(cfg: Config) -> dict:
     log(f"mesh {dict(fns.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es); "
         f"trunk {cfg.model.trunk_layers} blocks + {cfg.model.mtp_heads} {cfg.model.head_type} heads, "
         f"{sum(x.size for x in jax.tree.leaves(built.mtp.abstract_params())) / 1e6:.2f}M parameters")
-
-    ckpt = Checkpointer(run_dir / "checkpoints", tcfg.keep_checkpoints, tcfg.checkpoint_every, tcfg.async_checkpoint)
-    pidx, pcount = jax.process_index(), jax.process_count()
-    data_iter = pipeline.make_train_iterator(cfg, tokenizer, run_dir, pidx, pcount)
-    restored = ckpt.restore(fns.abstract_state)
     if restored is None:
         state, start = fns.init(jax.random.key(tcfg.seed)), 0
     else:
@@ -98,6 +162,7 @@ def train(cfg: Config) -> dict:
         log(f"resumed from step {start} in {run_dir / 'checkpoints'}")
 
     writer = MetricsWriter(run_dir, primary, tcfg.tensorboard)
+    guard = DivergenceGuard(tcfg.max_skipped_steps)
     lr = schedule(cfg.optim, tcfg.steps)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     flops_per_step = model_flops_per_token(cfg.model, tcfg.seq_len) * tokens_per_step
@@ -107,17 +172,26 @@ def train(cfg: Config) -> dict:
     pending: tuple[int, Any] | None = None
     window_start, window_steps = time.perf_counter(), 0
     step = start
+
+    def save(force: bool = False) -> None:
+        """No checkpoint holding a diverged state: the skipped-step count is checked first (a host sync the save needs anyway)."""
+        if force or ckpt.should_save(step):
+            guard.check(step, ckpt.latest_step())
+            ckpt.save(step, state, data_iter.get_state(), force=force)
+
     try:
         while step < tcfg.steps:
             batch = _global_batch(next(data_iter), fns.batch_sharding)
             state, metrics = fns.train_step(state, batch)
             step += 1
             window_steps += 1
+            guard.add(step, metrics["skipped"])
             if step == start + 1:  # keep compilation out of the throughput figures
                 jax.block_until_ready(metrics)
                 window_start, window_steps = time.perf_counter(), 0
             # Pull the previous step's metrics only after dispatching this one: the device never waits on Python.
             if pending is not None:
+                guard.check(pending[0], ckpt.latest_step())
                 _report(pending, writer, bar)
                 pending = None
             if step % tcfg.log_every == 0 or step == tcfg.steps:
@@ -130,16 +204,21 @@ def train(cfg: Config) -> dict:
                         extra["mfu"] = extra["flops_per_s"] / peak
                 pending = (step, (metrics, extra))
                 window_start, window_steps = time.perf_counter(), 0
-            ckpt.save(step, state, data_iter.get_state())
+            save()
+            pause_point("step", step)
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+                guard.check(step, ckpt.latest_step())
+                _evaluate(cfg, fns, state, tokenizer, run_dir, final=False)
             if preemption.agreed(sync_now=step % tcfg.log_every == 0):
                 log(f"SIGTERM: saving step {step} and exiting")
-                ckpt.save(step, state, data_iter.get_state(), force=True)
+                save(force=True)
                 ckpt.wait()
                 return {"preempted_at": step}
         if pending is not None:
+            guard.check(pending[0], ckpt.latest_step())
             _report(pending, writer, bar)
-        ckpt.save(step, state, data_iter.get_state(), force=True)
-        result = _final_eval(cfg, fns, state, tokenizer, run_dir)
+        save(force=True)
+        result = _evaluate(cfg, fns, state, tokenizer, run_dir, final=True)
         writer.write(step, {"loss": result["loss"], **{f"loss/head_{h['head']}": h["loss"] for h in result["heads"]}},
                      prefix="eval")
         return result
@@ -147,15 +226,12 @@ def train(cfg: Config) -> dict:
         preemption.restore()
         if bar is not None:
             bar.close()
-        ckpt.wait()
-        ckpt.close()
         writer.close()
 
 
 def _report(pending: tuple[int, Any], writer: MetricsWriter, bar: Any) -> None:
     step, (metrics, extra) = pending
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()} | extra
-    check_finite(step, scalars)
     writer.write(step, scalars)
     if bar is not None:
         bar.n = step
@@ -171,8 +247,9 @@ def _progress(total: int, start: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-def _final_eval(cfg: Config, fns: Any, state: dict, tokenizer: Any, run_dir: Path) -> dict:
+def _evaluate(cfg: Config, fns: Any, state: dict, tokenizer: Any, run_dir: Path, final: bool) -> dict:
+    """Held-out evaluation into evals/heldout/step_N.json (every train.eval_every steps, and at the end)."""
     place = lambda b: _global_batch(b, fns.batch_sharding)
     process = (jax.process_index(), jax.process_count())
     step = int(jax.device_get(state["step"]))
-    return heldout_report(cfg, fns.eval_step, state["params"], tokenizer, run_dir, step, True, place, process)
+    return heldout_report(cfg, fns.eval_step, state["params"], tokenizer, run_dir, step, final, place, process)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from mtp_jax import distributed
+from mtp_jax import distributed, sharding
 from mtp_jax.config import ConfigError, DistributedConfig, MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,14 +31,14 @@ WORKER = textwrap.dedent(
     import jax, numpy as np
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from mtp_jax import distributed
+    from mtp_jax import distributed, sharding
     from mtp_jax.config import DistributedConfig, MeshConfig
 
     mode = sys.argv[1]
     distributed.initialize(DistributedConfig(heartbeat_timeout=int(os.environ.get("HEARTBEAT", "60"))))
     me = jax.process_index()
     if mode == "mesh":
-        grid = distributed.make_device_grid(MeshConfig(data=-1, dcn_data=2))
+        grid = sharding.make_device_grid(MeshConfig(data=-1, dcn_data=2))
         mesh = Mesh(grid, ("data", "fsdp", "tensor"))
         local = np.arange(2, dtype=np.float32) + 2 * me  # process p holds [2p, 2p + 1]
         x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
@@ -162,7 +162,7 @@ def fake_devices(processes: int, per_process: int, slices: int = 1) -> list[type
 
 def grid_for(monkeypatch: pytest.MonkeyPatch, devices: list, **mesh: int) -> np.ndarray:
     monkeypatch.setattr(jax, "devices", lambda: devices)
-    return distributed.make_device_grid(MeshConfig(**mesh))
+    return sharding.make_device_grid(MeshConfig(**mesh))
 
 
 def test_grid_single_process_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,7 +216,7 @@ def test_grid_on_eight_real_cpu_devices() -> None:
         """
         import json
         from mtp_jax.config import ConfigError, MeshConfig
-        from mtp_jax.distributed import make_device_grid
+        from mtp_jax.sharding import make_device_grid
         out = {"shapes": [list(make_device_grid(MeshConfig(**m)).shape)
                           for m in ({"data": -1}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": -1, "tensor": 4})]}
         try:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import sys
 
+from mtp_jax.config import Config
 from mtp_jax.errors import ArgParser, ConfigError, guarded
+from mtp_jax.interrupts import interruptible
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> None:
     from mtp_jax.decode.generate import Sampling
 
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = args.prompt[err.start:err.end].encode("utf-8", "surrogateescape")
+        raise ConfigError(f"--prompt is not valid UTF-8 (bytes {bad!r} at character {err.start}); "
+                          f"pass text in UTF-8 (e.g. convert it with iconv)") from None
     if args.speculative < 0:
         raise ConfigError(f"--speculative {args.speculative} must be >= 0 (0 = plain decoding)")
     if args.max_new_tokens < 1:
@@ -36,7 +46,41 @@ def _check(args: argparse.Namespace) -> None:
     Sampling(args.temperature, args.top_k, args.top_p).check()
 
 
+def decode_bytes(cfg: Config, prompt_len: int, new_tokens: int) -> dict[str, int]:
+    """Bytes decoding needs beyond the weights: KV caches of every block (float32 upper bound) and the
+    prefill's attention scores (every head, prompt x cache slots)."""
+    m = cfg.model
+    slots = prompt_len + new_tokens + m.mtp_heads
+    return {"kv_cache": 2 * m.n_layers * slots * m.kv_heads_ * m.head_dim_ * 4,
+            "prefill_attention": m.attn_heads * prompt_len * slots * 4}
+
+
+def check_budget(cfg: Config, prompt_len: int, new_tokens: int, available: int) -> None:
+    """Refuses up front what cannot fit in memory; past the trained context is only a warning
+    (few-shot evaluation prompts are long)."""
+    need = decode_bytes(cfg, prompt_len, new_tokens)
+    if sum(need.values()) > available:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.1f} GiB" for k, v in need.items())
+        raise ConfigError(
+            f"a {prompt_len}-token prompt plus --max-new-tokens {new_tokens} needs about "
+            f"{sum(need.values()) / 2**30:.1f} GiB ({parts}) but {available / 2**30:.1f} GiB is available; "
+            f"shorten the prompt or lower --max-new-tokens"
+        )
+    if prompt_len + new_tokens > cfg.train.seq_len:
+        print(f"warning: prompt ({prompt_len} tokens) + --max-new-tokens {new_tokens} exceeds the trained context "
+              f"train.seq_len={cfg.train.seq_len}; tokens past it are extrapolation", file=sys.stderr, flush=True)
+
+
+def _memory_bytes() -> int:
+    """The first local device's memory limit, or the host's RAM on CPU (which reports none)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 @guarded
+@interruptible
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     _check(args)
@@ -44,11 +88,13 @@ def main(argv: list[str]) -> int:
     from mtp_jax.decode.speculative import speculative_generate
     from mtp_jax.run import load_run, read_config
 
-    heads = read_config(args.run_dir).model.mtp_heads
+    cfg = read_config(args.run_dir)
+    heads = cfg.model.mtp_heads
     if args.speculative > heads:
         raise ConfigError(f"--speculative {args.speculative} exceeds the run's {heads} heads; use 1..{heads}")
     _, tokenizer, mtp, params = load_run(args.run_dir)
     prompt = [tokenizer.eot_id] + tokenizer.encode(args.prompt)  # EOT precedes every training document
+    check_budget(cfg, len(prompt), args.max_new_tokens, _memory_bytes())  # before decoding allocates anything
     decode = functools.partial(speculative_generate, k=args.speculative) if args.speculative else generate
     result = decode(mtp, params, [prompt], max_new_tokens=args.max_new_tokens, seed=args.seed,
                     sampling=Sampling(args.temperature, args.top_k, args.top_p), stop_tokens=[tokenizer.eot_id])

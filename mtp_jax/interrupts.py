@@ -1,0 +1,74 @@
+"""Ctrl-C for the long-running commands: status 130, at most one line, never a hang or a crash dump.
+
+The first Ctrl-C raises KeyboardInterrupt in the main thread as usual; the command tidies up (a
+trainer deletes its unfinished checkpoint save) and leaves through `exit_interrupted`, which skips
+interpreter teardown (tearing down with JAX compiling or Orbax writing in other threads is what
+crashed). A main thread stuck in compiled code never sees the KeyboardInterrupt: a watcher thread,
+woken by the signal itself, then forces the exit after GRACE_S seconds, and at once on a second Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Callable, NoReturn, TypeVar
+
+from mtp_jax.errors import EXIT_INTERRUPTED
+
+Main = TypeVar("Main", bound=Callable[..., int])
+
+GRACE_S = float(os.environ.get("MTP_INTERRUPT_GRACE_S", "5"))  # tests raise it to reach the second Ctrl-C
+_said = threading.Lock()
+_installed = False
+
+
+def exit_interrupted() -> NoReturn:
+    """Prints the one line (once, whichever thread gets here first), silences stderr, exits 130."""
+    if _said.acquire(blocking=False):
+        print("error: interrupted", file=sys.stderr, flush=True)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # threads dying with us print nothing more
+    os._exit(EXIT_INTERRUPTED)
+
+
+def install() -> None:
+    """Starts the watcher; call once from the main thread before the command's work begins."""
+    global _installed
+    if _installed or threading.current_thread() is not threading.main_thread():
+        return
+    _installed = True
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    threading.Thread(target=_watch, args=(reader, writer), name="mtp-ctrl-c", daemon=True).start()
+
+
+def _watch(reader: socket.socket, writer: socket.socket) -> None:
+    seen = 0
+    while True:
+        for signum in reader.recv(64):
+            if signum != signal.SIGINT:
+                continue
+            seen += 1
+            if seen == 1:
+                threading.Timer(GRACE_S, exit_interrupted).start()
+            else:
+                exit_interrupted()
+
+
+def interruptible(main: Main) -> Main:
+    """Runs a command under the watcher; a Ctrl-C its own code did not handle ends it through `exit_interrupted`.
+    Put it inside `errors.guarded`, so the KeyboardInterrupt reaches this first."""
+
+    def run(*args, **kwargs) -> int:
+        install()
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            exit_interrupted()
+
+    run.__doc__ = main.__doc__
+    return run  # type: ignore[return-value]

@@ -1,0 +1,266 @@
+"""Failure modes through the real commands: divergence, two trainers, validate-then-write, read-only
+evaluation, and every bad input as one `error:` line with exit status 2 (issue 11)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_train import ROOT, TINY, checkpoint_steps, finish, mtp_train
+
+from mtp_jax import lock
+from mtp_jax.decode.cli import check_budget, decode_bytes
+from mtp_jax.errors import EXIT_DIVERGED, EXIT_USER, DivergenceError, UserError
+from mtp_jax.metrics import DivergenceGuard
+from mtp_jax.run import build, resolve_vocab
+from mtp_jax.step import keep_if_finite
+
+QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
+# The issue's reproduction: the loss turns non-finite a few steps in, after the step-2 checkpoint.
+DIVERGING = ["optim.lr=1e6", "optim.warmup_steps=50", "train.log_every=10", "train.checkpoint_every=2",
+             "train.steps=20", "train.tensorboard=false"]
+
+
+def command(*args: str | bytes, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "mtp_jax.cli", *args], capture_output=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def tree_listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("diverged") / "run"
+    code, out, err = finish(mtp_train(run_dir, *DIVERGING))
+    return run_dir, subprocess.CompletedProcess([], code, out, err)
+
+
+def test_divergence_stops_and_keeps_every_good_checkpoint(diverged) -> None:
+    run_dir, done = diverged
+    assert done.returncode == EXIT_DIVERGED, done.stderr[-2000:]
+    [line] = error_lines(done.stderr)
+    assert "Traceback" not in done.stderr and "diverged at step" in line and "lower optim.lr" in line
+    bad_step = int(line.split("diverged at step ")[1].split(":")[0])
+    steps = checkpoint_steps(run_dir)
+    assert 2 in steps and max(steps) < bad_step, (steps, line)
+    assert f"step {max(steps)}, is good" in line
+    for step in steps:  # an independent read of every checkpoint: no NaN or inf anywhere
+        state = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state)), step
+    assert not list((run_dir / "checkpoints").glob("*tmp*"))
+
+
+def test_guard_keeps_old_state_on_a_non_finite_step(tiny) -> None:
+    """The jitted guard alone: a non-finite loss leaves params and optimizer state bit-identical."""
+    cfg = resolve_vocab(tiny(), 64)
+    fns = build(cfg, jax.devices()[:1]).fns
+    old = fns.init(jax.random.key(0))
+    new = jax.tree.map(lambda x: x + 1, {k: old[k] for k in ("params", "opt_state")})
+    for loss, skipped in ((jnp.float32(1.0), 0.0), (jnp.float32(np.nan), 1.0), (jnp.float32(np.inf), 1.0)):
+        kept, metrics = keep_if_finite(new, old, {"loss": loss, "grad_norm": jnp.float32(2.0)})
+        chex.assert_trees_all_equal(kept, new if skipped == 0 else {k: old[k] for k in kept})
+        assert float(metrics["skipped"]) == skipped
+    poisoned = jax.tree.map(lambda x: x, new)
+    first = jax.tree.leaves(poisoned["params"])[0]
+    poisoned["params"] = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x is first else x, poisoned["params"])
+    kept, metrics = keep_if_finite(poisoned, old, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)})
+    chex.assert_trees_all_equal(kept["params"], old["params"])
+    assert float(metrics["skipped"]) == 1.0
+
+
+def test_a_second_trainer_is_refused_at_once(tmp_path: Path) -> None:
+    run_dir, marker = tmp_path / "run", tmp_path / "paused"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MTP_PAUSE_AT": "startup", "MTP_PAUSE_FILE": str(marker)}
+    first = subprocess.Popen([sys.executable, "-m", "mtp_jax.cli", "train", QUICKSTART, *TINY, f"train.run_dir={run_dir}"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), first.communicate()[1][-2000:]
+        second = command("train", QUICKSTART, *TINY, f"train.run_dir={run_dir}", "train.steps=4")
+        assert second.returncode == EXIT_USER
+        assert error_lines(second.stderr) == second.stderr.strip().splitlines()
+        assert f"pid {first.pid} on host" in second.stderr and "in use by another trainer" in second.stderr
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # the refused run wrote nothing
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    lock.acquire(run_dir)  # the OS released the dead trainer's lock: its resume is not blocked
+
+
+@pytest.mark.slow
+def test_failed_first_run_does_not_block_the_corrected_retry(tmp_path: Path) -> None:
+    run_dir, corpus = tmp_path / "run", tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 40)
+    typo = command("train", QUICKSTART, *TINY, f"train.run_dir={run_dir}", "data.source=files",
+                   f"data.path={corpus}-typo", "data.tokenizer=bytes")
+    assert typo.returncode == EXIT_USER and "does not exist" in typo.stderr
+    retry = command("train", QUICKSTART, *TINY, f"train.run_dir={run_dir}", "data.source=files", f"data.path={corpus}",
+                    "data.tokenizer=bpe", "data.bpe_vocab_size=300", "train.steps=2", "train.eval_every=1", "train.eval_batches=1",
+                    "train.batch_size=2", "train.tensorboard=false")
+    assert retry.returncode == 0, retry.stderr[-2000:]
+    assert json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["name"] == "bpe-300"
+    evaluated = sorted(r.name for r in (run_dir / "evals" / "heldout").iterdir())  # train.eval_every=1
+    assert evaluated == ["step_00000001.json", "step_00000002.json"]
+
+
+def copy_run(diverged, tmp: Path) -> Path:
+    """A private copy of the diverged run (good checkpoints 2..), for cases that change it."""
+    return Path(shutil.copytree(diverged[0], tmp / "run"))
+
+
+def train_args(run: Path, *overrides: str) -> list[str]:
+    return ["train", QUICKSTART, *TINY, *DIVERGING, f"train.run_dir={run}", *overrides]
+
+
+def yaml_file(tmp: Path, text: str) -> str:
+    (tmp / "base.yaml").write_text("train:\n  steps: 3\n")
+    (tmp / "exp.yaml").write_text(text)
+    return str(tmp / "exp.yaml")
+
+
+def file_at(tmp: Path) -> Path:
+    (tmp / "f").write_text("x")
+    return tmp / "f"
+
+
+# (setup(tmp, diverged) -> command line, words the one error line must hold: the value and the fix)
+BAD_INPUTS = {
+    "run_dir is a file": (lambda t, d: train_args(file_at(t)), ["is a file", "choose another train.run_dir"]),
+    "run_dir below a file": (lambda t, d: train_args(file_at(t) / "sub"), ["below a file", "choose a path"]),
+    "override that YAML misreads as a list": (lambda t, d: train_args(t / "r", "train.loss_weights=[1,"),
+                                              ["train.loss_weights='[1,'", "write it as"]),
+    "override that YAML misreads as an alias": (
+        lambda t, d: train_args(t / "r", "data.source=files", "data.path=*.txt"), ["'*.txt'", "matches no files"]),
+    "include is a list": (lambda t, d: ["train", yaml_file(t, "include: [base.yaml]\n")],
+                          ["include: ['base.yaml']", "give one file name"]),
+    "include is a number": (lambda t, d: ["train", yaml_file(t, "include: 3\n")], ["include: 3", "give one file name"]),
+    "negative kv_heads": (lambda t, d: train_args(t / "r", "model.kv_heads=-1"), ["model.kv_heads=-1", ">= 0"]),
+    "negative head_dim": (lambda t, d: train_args(t / "r", "model.head_dim=-2"), ["model.head_dim=-2", ">= 0"]),
+    "negative d_ff": (lambda t, d: train_args(t / "r", "model.d_ff=-3"), ["model.d_ff=-3", ">= 0"]),
+    "negative loss weight": (lambda t, d: train_args(t / "r", "train.loss_weights=[1,-1]"),
+                             ["train.loss_weights=[1, -1]", ">= 0", "e.g. [1, 0.5]"]),
+    "negative clip_norm": (lambda t, d: train_args(t / "r", "optim.clip_norm=-1"), ["optim.clip_norm=-1.0", "> 0"]),
+    "b1 above 1": (lambda t, d: train_args(t / "r", "optim.b1=1.5"), ["optim.b1=1.5", "[0, 1)"]),
+    "negative eval batches": (lambda t, d: ["eval", str(d[0]), "--batches", "-3"], ["--batches -3", ">= 0"]),
+    "prompt not UTF-8": (lambda t, d: ["generate", str(d[0]), b"--prompt", b"ab\xff\xfe"],
+                         ["--prompt is not valid UTF-8", "b'\\xff", "UTF-8"]),
+    "new tokens beyond memory": (lambda t, d: ["generate", str(d[0]), "--max-new-tokens", "1000000000"],
+                                 ["--max-new-tokens 1000000000", "GiB", "lower --max-new-tokens"]),
+    "resume with another model": (lambda t, d: train_args(copy_run(d, t), "model.d_model=64"),
+                                  ["does not match this model", "same model config"]),
+    "resume with another data source": (lambda t, d: train_args(copy_run(d, t), "data.max_bytes=200000"),
+                                        ["data.max_bytes 300000 -> 200000", "train.allow_data_change=true"]),
+    "resume without tokenizer/": (
+        lambda t, d: train_args(shutil.rmtree(copy_run(d, t) / "tokenizer") or t / "run"), ["no tokenizer/", "backup"]),
+    "corrupt tokenizer.json": (
+        lambda t, d: ["eval", str((lambda r: (r / "tokenizer" / "tokenizer.json").write_text("{not json") and r)(
+            copy_run(d, t)))], ["tokenizer", "is unreadable", "restore tokenizer/"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2(case: str, diverged, tmp_path: Path) -> None:
+    setup, words = BAD_INPUTS[case]
+    before = tree_listing(diverged[0])
+    done = command(*setup(tmp_path, diverged), cwd=tmp_path)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith(("warning:", "note:", "mesh "))]
+    assert done.returncode == EXIT_USER and len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    assert all(w in lines[0] for w in words), (lines[0], words)
+    assert tree_listing(diverged[0]) == before  # nothing in the shared run changed
+
+
+def test_refused_resume_leaves_the_run_directory_as_it_was(diverged, tmp_path: Path) -> None:
+    run = copy_run(diverged, tmp_path)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    done = command(*train_args(run, "model.d_model=64"))
+    assert done.returncode == EXIT_USER
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == files
+
+
+def test_eval_is_read_only_and_records_its_step(diverged, tmp_path: Path) -> None:
+    """A damaged newer checkpoint: mtp-eval falls back to the newest good step, renames nothing, and writes
+    only the step-named result."""
+    run = copy_run(diverged, tmp_path)
+    newest = max(checkpoint_steps(run))
+    shutil.copytree(run / "checkpoints" / str(newest), run / "checkpoints" / "100")
+    for f in (run / "checkpoints" / "100" / "state").rglob("*"):
+        if f.is_file() and "manifest" not in f.name and f.stat().st_size > 100:
+            f.write_bytes(b"\0" * f.stat().st_size)
+    before = tree_listing(run)
+    done = command("eval", str(run), "--batches", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"falling back to step {newest}" in done.stderr
+    after = tree_listing(run)
+    assert set(after) - set(before) == {"evals", "evals/heldout", f"evals/heldout/step_{newest:08d}.json"}
+    assert set(before) <= set(after) and not (run / "eval.json").exists()
+    assert json.loads((run / "evals" / "heldout" / f"step_{newest:08d}.json").read_text())["step"] == newest
+
+
+def test_decode_memory_budget_and_context_warning(tiny, capsys) -> None:
+    cfg = resolve_vocab(tiny(), 64)
+    m = cfg.model
+    need = decode_bytes(cfg, 100, 28)
+    slots = 100 + 28 + m.mtp_heads  # independent count: k and v per block, float32
+    assert need["kv_cache"] == 2 * m.n_layers * slots * m.kv_heads_ * m.head_dim_ * 4
+    total = sum(need.values())
+    with pytest.raises(UserError, match=r"100-token prompt plus --max-new-tokens 28 needs about"):
+        check_budget(cfg, 100, 28, total - 1)
+    check_budget(cfg, 100, 28, total)
+    assert "exceeds the trained context train.seq_len=16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_lists_changed_settings_and_still_writes_no_bad_checkpoint(diverged, tmp_path: Path) -> None:
+    """The newest good checkpoint of this run holds finite but huge weights (lr 1e6): the resume warns about the
+    changed settings, diverges again, and adds no checkpoint."""
+    run = copy_run(diverged, tmp_path)
+    before = checkpoint_steps(run)
+    done = command(*train_args(run, "optim.lr=1e-3", "train.seq_len=16"))
+    [warning] = [line for line in done.stderr.splitlines() if "resuming with changed settings" in line]
+    assert "optim.lr 1000000.0 -> 0.001" in warning and "train.seq_len 32 -> 16" in warning
+    assert f"resumed from step {max(before)}" in done.stderr
+    assert done.returncode == EXIT_DIVERGED and checkpoint_steps(run) == before
+
+
+def test_guard_counts_skipped_steps_up_to_the_checked_one() -> None:
+    """train.max_skipped_steps: bad steps are tolerated up to the bound; flags after `upto` wait for later."""
+    guard = DivergenceGuard(allowed=2)
+    for step, flag in enumerate([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], start=1):
+        guard.add(step, np.float32(flag))
+    guard.check(5, last_good=4)  # step 6 not counted yet: one skipped
+    guard.check(6, last_good=4)  # two skipped: still within the bound
+    guard.add(7, np.float32(1.0))
+    with pytest.raises(DivergenceError, match=r"diverged at step 2: .*3 step\(s\) skipped.*step 4, is good"):
+        guard.check(7, last_good=4)
+
+
+def test_override_values_are_parsed_by_the_field_type() -> None:
+    from mtp_jax.config import load_config
+
+    cfg = load_config(None, ["data.path=*.txt", "train.run_dir=null", "data.text_field=yes", "train.tensorboard=no",
+                             "train.loss_weights=[1, 0.5, 0.25, 0.125]", "optim.lr=3e-4", "data.source='files'"])
+    assert (cfg.data.path, cfg.train.run_dir, cfg.data.text_field, cfg.data.source) == ("*.txt", "null", "yes", "files")
+    assert cfg.train.tensorboard is False and cfg.train.loss_weights == [1, 0.5, 0.25, 0.125] and cfg.optim.lr == 3e-4
