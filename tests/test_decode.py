@@ -22,7 +22,8 @@ import pytest
 from mtp_jax.config import to_yaml
 from mtp_jax.decode import Sampling, generate, speculative_generate
 from mtp_jax.decode.cli import main as cli_main
-from mtp_jax.decode.generate import prefill, token_probs
+from mtp_jax.decode.generate import logits, prefill, token_probs
+from mtp_jax.decode.passes import forward_step, verify_pass
 from mtp_jax.decode.speculative import _speculate, verify
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model.heads import head_slice
@@ -216,6 +217,47 @@ def test_caches_hold_only_verified_entries(mtp, models, model):
     for got_leaf, want_leaf in zip(jax.tree.leaves(cache), jax.tree.leaves(want)):
         for b, n in enumerate(out_len - 1):  # axes: (layer or head, batch, slot, ...)
             np.testing.assert_allclose(np.asarray(got_leaf)[:, b, :n], np.asarray(want_leaf)[:, b, :n], atol=2e-5)
+
+
+@pytest.mark.parametrize("model", ["partial", "trained"])
+def test_reduced_pass_equals_feeding_tokens_one_at_a_time(mtp, models, model):
+    """One verify pass (heads 2..N only write KV entries, then run at the last accepted position)
+    leaves the caches that feeding the accepted tokens one at a time through every head leaves,
+    and drafts from the hidden states a no-cache forward gives at that position."""
+    params, prompts = models[model], batch_prompts()
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.zeros((3, lengths.max()), np.int32)
+    for row, p in zip(tokens, prompts):
+        row[: len(p)] = p
+    h_NBD, start = prefill(mtp, params, tokens, lengths, slots=tokens.shape[1] + MAX_NEW + N)
+    fed_BK = np.asarray(logits(mtp, params, h_NBD.swapaxes(0, 1)).argmax(-1), np.int32)  # head 1's token, drafts
+    positions_BK = lengths[:, None] + np.arange(N)
+
+    @jax.jit
+    def reduced(cache):
+        h_BKD, draft = verify_pass(mtp, params, cache, fed_BK, positions_BK, N)
+        target_BK = logits(mtp, params, h_BKD).argmax(-1)
+        accepted_B = jnp.sum(jnp.cumprod(fed_BK[:, 1:] == target_BK[:, :-1], axis=1), axis=1)
+        return (accepted_B, *draft(accepted_B))
+
+    accepted, h_JBD, got = reduced(start)
+    accepted = np.asarray(accepted)
+    assert accepted.min() < N - 1 or model == "trained"
+    step = jax.jit(forward_step, static_argnums=(0, 5))
+    want, h_one = start, []
+    for j in range(N):  # the full pass, one token at a time
+        h_NB1D, want = step(mtp, params, want, fed_BK[:, j : j + 1], positions_BK[:, j : j + 1], N)
+        h_one.append(h_NB1D[:, :, 0])
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        for b, n in enumerate(lengths + accepted + 1):  # every slot up to the last accepted token
+            np.testing.assert_allclose(np.asarray(got_leaf)[:, b, :n], np.asarray(want_leaf)[:, b, :n], atol=2e-5)
+    full = np.zeros((3, lengths.max() + N), np.int32)
+    for b, (p, a) in enumerate(zip(prompts, accepted)):
+        full[b, : len(p) + a + 1] = p + fed_BK[b, : a + 1].tolist()
+        want_h = np.asarray(h_one[a][1:, b])
+        np.testing.assert_allclose(np.asarray(h_JBD[:, b]), want_h, atol=2e-5)
+        ref = reference_logits(mtp, params, full[b : b + 1])[1:, 0, len(p) + a]
+        np.testing.assert_allclose(np.asarray(logits(mtp, params, h_JBD[:, b][None]))[0], ref, atol=1e-4)
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(mtp, models):
