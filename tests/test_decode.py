@@ -12,6 +12,7 @@ heads 2..3 good but imperfect drafters and head 1's distribution worth sampling 
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import optax
 import pytest
 
 from mtp_jax.config import to_yaml
+from mtp_jax.data.pipeline import pack
 from mtp_jax.decode import Sampling, generate, speculative_generate
 from mtp_jax.decode.cli import main as cli_main
 from mtp_jax.decode.generate import logits, prefill, token_probs
@@ -382,3 +384,27 @@ def test_cli_prints_completion_and_stats(run_dir, cfg, mtp, models, capsys, monk
     assert cli_main([str(run_dir), "--prompt", "abcde", "--speculative", "3", "--max-new-tokens", str(MAX_NEW)]) == 0
     completion, stats = capsys.readouterr().out.splitlines()
     assert set(completion) <= set("abcdefghijklmno") and "tokens/pass" in stats and "tokens/s" in stats
+
+
+def test_decoding_sees_the_contexts_training_sees(run_dir, cfg, mtp, models, capsys, monkeypatch):
+    """mtp-generate feeds the prompt as a document start with nothing before it (no end-of-text
+    token); head 1's distribution there is the training forward's at that document inside a
+    packed training window (after another document and its end-of-text token)."""
+    import mtp_jax.run
+
+    gen = importlib.import_module("mtp_jax.decode.generate")  # the package exports a function of that name
+    params, seen, real = models["trained"], [], gen.generate
+    monkeypatch.setattr(mtp_jax.run, "load_run", lambda _: (cfg, Letters(), mtp, params))
+    monkeypatch.setattr(gen, "generate", lambda m, p, prompts, **kw: seen.append(prompts) or real(m, p, prompts, **kw))
+    assert cli_main([str(run_dir), "--prompt", "abcde", "--max-new-tokens", "2"]) == 0
+    prompt = Letters().encode("abcde")
+    assert seen == [[prompt]]
+    tokens, starts = pack([np.array([3, 4, 5, 6]), np.array(prompt)], Letters.eot_id)
+    segments = np.searchsorted(starts, np.arange(len(tokens)), side="right")
+    train_V = jax.jit(mtp.forward)(params, tokens[None], None, segments[None])[0, 0, starts[1] + len(prompt) - 1]
+    h_NBD, _ = prefill(mtp, params, np.array([prompt]), np.array([len(prompt)]), slots=len(prompt) + 2 + N)
+    np.testing.assert_allclose(np.asarray(logits(mtp, params, h_NBD[0][:, None]))[0, 0], train_V, atol=1e-4)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([str(run_dir), "--prompt", ""])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "encodes to no tokens" in err and err.count("\n") == 1

@@ -185,7 +185,7 @@ class Result:
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, P) right-padded prompt ids and each prompt's length."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("every prompt needs at least one token; start it with the EOT token if it is empty")
+        raise ConfigError("every prompt needs at least one token: the start of a document")
     lengths = np.array([len(p) for p in prompts], np.int32)
     tokens = np.zeros((len(prompts), lengths.max()), np.int32)
     for row, prompt in zip(tokens, prompts):
