@@ -23,6 +23,7 @@ import pytest
 from mtp_jax.config import to_yaml
 from mtp_jax.data.pipeline import pack
 from mtp_jax.decode import Sampling, generate, speculative_generate
+from mtp_jax.decode.acceptance import replay
 from mtp_jax.decode.cli import main as cli_main
 from mtp_jax.decode.generate import logits, prefill, token_probs
 from mtp_jax.decode.passes import forward_step, verify_pass
@@ -169,20 +170,17 @@ def test_trained_heads_accept_drafts(mtp, models):
 
 @pytest.mark.parametrize("model", ["partial", "trained"])
 def test_forward_passes_match_a_no_cache_simulation(mtp, models, model):
-    """Each sequence's pass count equals blockwise decoding simulated on the greedy output with
-    no cache: drafts are heads 2..k's argmax at the last accepted position, nowhere else."""
+    """Each sequence's pass count equals blockwise decoding replayed on the greedy output with
+    no cache (`acceptance.replay`): drafts are heads 2..k's argmax at the last accepted
+    position, nowhere else."""
     params, prompts, k = models[model], batch_prompts(), N
     spec = speculative_generate(mtp, params, prompts, k, MAX_NEW)
     for prompt, completion, passes in zip(prompts, spec.completions(), spec.passes):
         full = np.array(prompt + completion)
         drafts_TJ = reference_logits(mtp, params, full[None])[1:k, 0].argmax(-1).T
-        length, expected = len(prompt) + 1, 1
-        while length < len(full):
-            ahead = full[length : length + k - 1]  # shorter only where the budget cuts anyway
-            matches = drafts_TJ[length - 2, : len(ahead)] == ahead
-            length += int(np.cumprod(matches).sum()) + 1
-            expected += 1
-        assert passes == expected
+        attempts, accepted, decoding_passes = replay(full.tolist(), len(prompt), drafts_TJ)
+        assert passes == decoding_passes + 1  # the prefill
+        assert attempts[0] >= attempts[1] >= accepted[1] and accepted[0] >= attempts[1]
 
 
 @functools.cache
