@@ -175,4 +175,9 @@ def _final_eval(cfg: Config, fns: Any, state: dict, tokenizer: Any, run_dir: Pat
     place = lambda b: _global_batch(b, fns.batch_sharding)
     process = (jax.process_index(), jax.process_count())
     step = int(jax.device_get(state["step"]))
-    return heldout_report(cfg, fns.eval_step, state["params"], tokenizer, run_dir, step, True, place, process)
+    result = heldout_report(cfg, fns.eval_step, state["params"], tokenizer, run_dir, step, True, place, process)
+    if process == (0, 1):  # a sample under the table; one process holds every parameter
+        from mtp_jax.decode.prompts import print_sample_completion
+
+        print_sample_completion(cfg, tokenizer, run_dir, jax.device_get(state["params"]))
+    return result

@@ -20,13 +20,14 @@ import numpy as np
 import optax
 import pytest
 
-from mtp_jax.config import to_yaml
+from mtp_jax.config import ConfigError, to_yaml
 from mtp_jax.data.pipeline import pack
 from mtp_jax.decode import Sampling, generate, speculative_generate
 from mtp_jax.decode.acceptance import replay
 from mtp_jax.decode.cli import main as cli_main
 from mtp_jax.decode.generate import logits, prefill, token_probs
 from mtp_jax.decode.passes import forward_step, verify_pass
+from mtp_jax.decode.tree import _tree_decode, make_tree, tree_generate
 from mtp_jax.decode.speculative import _speculate, verify
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model.heads import head_slice
@@ -198,8 +199,9 @@ def jitted_reference_caches(mtp: MTP):
     return jax.jit(caches)
 
 
+@pytest.mark.parametrize("decoder", ["chain", "tree"])
 @pytest.mark.parametrize("model", ["partial", "trained"])
-def test_caches_hold_only_verified_entries(mtp, models, model):
+def test_caches_hold_only_verified_entries(mtp, models, model, decoder):
     """After speculative decoding with rejections, every cache (trunk and all heads) below each
     sequence's last token equals the model's own caches of the output: drafts left no trace,
     and heads 2..k saw only verified z."""
@@ -208,9 +210,11 @@ def test_caches_hold_only_verified_entries(mtp, models, model):
     tokens = np.zeros((3, lengths.max()), np.int32)
     for row, p in zip(tokens, prompts):
         row[: len(p)] = p
-    h, cache = prefill(mtp, params, tokens, lengths, slots=tokens.shape[1] + MAX_NEW + N)
+    fed = len(make_tree((3, 2)).depth) if decoder == "tree" else N
+    h, cache = prefill(mtp, params, tokens, lengths, slots=tokens.shape[1] + MAX_NEW + fed)
     args = (tokens, lengths, np.array([-1], np.int32), jax.random.key(0), Sampling())
-    prog, _, cache = _speculate(mtp, params, cache, h, *args, k=N, max_new=MAX_NEW, mode="greedy")
+    run, static = (_tree_decode, {"widths": (3, 2)}) if decoder == "tree" else (_speculate, {"k": N})
+    prog, _, cache = run(mtp, params, cache, h, *args, max_new=MAX_NEW, mode="greedy", **static)
     out_len = np.asarray(prog.length_B)
     outputs = np.maximum(np.asarray(prog.tokens_BS)[:, : out_len.max()], 0)  # PAD -> 0 past each length
     want = jitted_reference_caches(mtp)(params, outputs)
@@ -258,6 +262,37 @@ def test_reduced_pass_equals_feeding_tokens_one_at_a_time(mtp, models, model):
         np.testing.assert_allclose(np.asarray(h_JBD[:, b]), want_h, atol=2e-5)
         ref = reference_logits(mtp, params, full[b : b + 1])[1:, 0, len(p) + a]
         np.testing.assert_allclose(np.asarray(logits(mtp, params, h_JBD[:, b][None]))[0], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["random", "partial", "trained"])
+def test_tree_equals_greedy_in_a_batch(mtp, models, greedy_runs, model):
+    stop, greedy = greedy_runs[model]
+    tree = tree_generate(mtp, models[model], batch_prompts(), (3, 2), MAX_NEW, stop_tokens=[stop])
+    np.testing.assert_array_equal(tree.tokens, greedy.tokens)
+
+
+def test_tree_accepts_more_than_the_chain(mtp, models):
+    prompts = walk(np.random.default_rng(3), 3, 9).tolist()
+    chain = speculative_generate(mtp, models["partial"], prompts, N, MAX_NEW)
+    tree = tree_generate(mtp, models["partial"], prompts, (3, 2), MAX_NEW)
+    assert tree.completions() == chain.completions()
+    assert tree.stats.tokens_per_forward > chain.stats.tokens_per_forward, (tree.stats, chain.stats)
+
+
+def test_tree_refuses_sampling_and_bad_widths(mtp, models):
+    with pytest.raises(ConfigError, match="greedy only"):
+        tree_generate(mtp, models["random"], [[1]], (2, 2), 4, Sampling(temperature=1.0))
+    with pytest.raises(ConfigError, match="tree widths"):
+        tree_generate(mtp, models["random"], [[1]], (2, 2, 2), 4)
+
+
+def test_make_tree_by_hand():
+    tree = make_tree((2, 2))  # root, a b, aa ab ba bb
+    np.testing.assert_array_equal(tree.depth, [0, 1, 1, 2, 2, 2, 2])
+    np.testing.assert_array_equal(tree.parent, [0, 0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(tree.rank, [0, 0, 1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(tree.path[5], [0, 2, 5])
+    assert tree.ancestors[6].tolist() == [True, False, True, False, False, False, True]
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(mtp, models):

@@ -14,6 +14,8 @@ token prompts (the JSON says which). No stop tokens: every method generates --ne
 - wall clock: plain greedy and speculative k on the same prompts at batch 1, alternated rounds,
   each prompt's fastest round; speedup over all prompts and over those whose completion has a
   repeated-8-gram fraction <= 0.2. Every speculative output is checked against plain greedy.
+- tree: greedy tree verification (`--tree` widths, at most 64 nodes by default) on the same
+  prompts: tokens per decoding pass and speedup beside the chain with the same heads.
 - pass cost: one k-token verify pass (reduced: trunk + head 1 over k, heads 2..k write keys and
   values and run one query) and the full pass (every head over k) over a 1-token plain step, and
   the floor: trunk + head 1 over k tokens over the same over 1 token, all in one run with donated
@@ -41,7 +43,9 @@ from mtp_jax.config import ModelConfig
 from mtp_jax.decode.acceptance import repeated_ngram_fraction, replay
 from mtp_jax.decode.generate import generate, logits
 from mtp_jax.decode.passes import forward_step, verify_pass
+from mtp_jax.decode.prompts import document_starts
 from mtp_jax.decode.speculative import speculative_generate
+from mtp_jax.decode.tree import make_tree, tree_generate
 from mtp_jax.errors import ArgParser, ConfigError, guarded
 from mtp_jax.model.transformer import MTP
 
@@ -51,23 +55,14 @@ LARGE = {"59M": (4, dict(d_model=512, attn_heads=8, vocab_size=32768)),
          "270M": (12, dict(d_model=1024, attn_heads=16, vocab_size=32768))}
 
 
-def document_start_prompts(cfg: Any, tokenizer: Any, run_dir: Path, prompt_len: int, count: int) -> tuple[np.ndarray, str]:
+def held_out_prompts(cfg: Any, tokenizer: Any, run_dir: Path, prompt_len: int, count: int) -> tuple[np.ndarray, str]:
     """(count, prompt_len) ids: the starts of held-out documents, and 'val' (or 'random')."""
     try:
-        from mtp_jax.data.pipeline import split_windows
-
-        windows = split_windows(cfg, tokenizer, run_dir, "val")
-        tokens, starts = windows.tokens, windows.starts
-    except (ImportError, ConfigError, OSError) as err:
+        return document_starts(cfg, tokenizer, run_dir, prompt_len, count), "val"
+    except (ImportError, OSError) as err:
         print(f"held-out data unavailable ({type(err).__name__}: {err}); using random prompts", file=sys.stderr)
         ids = np.setdiff1d(np.arange(min(cfg.model.vocab_size, 256)), [tokenizer.eot_id])
         return np.random.default_rng(0).choice(ids, (count, prompt_len)).astype(np.int32), "random"
-    ends = np.append(starts[1:], len(tokens)) - 1  # each document's end-of-text token
-    long_enough = starts[ends - starts >= prompt_len]
-    if len(long_enough) < count:
-        raise ConfigError(f"only {len(long_enough)} held-out documents have --prompt-len {prompt_len} tokens; "
-                          f"pass a smaller --prompt-len or --num-prompts")
-    return np.stack([tokens[s : s + prompt_len] for s in long_enough[:count]]).astype(np.int32), "val"
 
 
 def random_params(mtp: MTP, seed: int) -> dict:
@@ -100,12 +95,26 @@ def acceptance(mtp: MTP, params: Any, prompts: np.ndarray, results: list, k: int
             "head_acceptance": [round(float(x), 3) for x in accepted / np.maximum(attempts, 1)]}
 
 
-def wall_clock(mtp: MTP, params: Any, prompts: np.ndarray, new_tokens: int, ks: list[int], rounds: int) -> dict:
-    """Per-k acceptance and speedups over plain greedy, batch 1, alternated rounds."""
+def default_widths(heads: int, budget: int = 64) -> list[int]:
+    """Children per depth of a tree of at most `budget` nodes, widened from the shallowest depth."""
+    widths, grown = [1] * (heads - 1), True
+    while grown:
+        grown = False
+        for d in range(heads - 1):
+            wider = widths[:d] + [widths[d] + 1] + widths[d + 1 :]
+            if len(make_tree(wider).depth) <= budget:
+                widths, grown = wider, True
+    return widths
+
+
+def wall_clock(mtp: MTP, params: Any, prompts: np.ndarray, new_tokens: int, ks: list[int], rounds: int,
+               widths: list[int]) -> dict:
+    """Per-k acceptance, the tree's, and speedups over plain greedy, batch 1, alternated rounds."""
     rows = [[p.tolist()] for p in prompts]
     methods: dict[str, Callable] = {"greedy": lambda b: generate(mtp, params, b, new_tokens)}
     methods |= {f"k={k}": functools.partial(lambda b, k: speculative_generate(mtp, params, b, k, new_tokens), k=k)
                 for k in ks}
+    methods["tree"] = lambda b: tree_generate(mtp, params, b, widths, new_tokens)
     best = {m: [np.inf] * len(rows) for m in methods}
     last: dict[str, list] = {}
     for fn in methods.values():
@@ -119,13 +128,18 @@ def wall_clock(mtp: MTP, params: Any, prompts: np.ndarray, new_tokens: int, ks: 
     keep = [i for i, x in enumerate(repeat) if x <= REPEAT_LIMIT]
     report = {"greedy_ms_per_token": round(1e3 * sum(best["greedy"]) / (len(rows) * new_tokens), 3),
               "repeated_8gram_fraction": [round(x, 3) for x in repeat], "prompts_kept": len(keep)}
-    for k in ks:
-        name = f"k={k}"
+    for name in methods:
+        if name == "greedy":
+            continue
         speedup = lambda idx: round(sum(best["greedy"][i] for i in idx) / sum(best[name][i] for i in idx), 3) if idx else None
-        report[name] = {**acceptance(mtp, params, prompts, last[name], k),
-                        "speedup": speedup(range(len(rows))), "speedup_kept": speedup(keep),
+        new, passes = sum(r.stats.tokens_generated for r in last[name]), sum(int(r.passes[0]) for r in last[name])
+        figures = ({"widths": widths, "nodes": len(make_tree(widths).depth),
+                    "tokens_per_decoding_pass": round((new - len(rows)) / (passes - len(rows)), 3),
+                    "tokens_per_pass_with_prefill": round(new / passes, 3)} if name == "tree"
+                   else acceptance(mtp, params, prompts, last[name], int(name[2:])))
+        report[name] = {**figures, "speedup": speedup(range(len(rows))), "speedup_kept": speedup(keep),
                         "matches_greedy": [r.completions()[0] for r in last[name]] == reference}
-        print(f"k={k}: {report[name]}", file=sys.stderr)
+        print(f"{name}: {report[name]}", file=sys.stderr)
     return report
 
 
@@ -205,6 +219,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--ks", default="", help="chain lengths, comma-separated (default 2..n)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tree", default="", help="children per depth of the candidate tree, e.g. 4,3,3 "
+                    "(default: widest with at most 64 nodes over heads 2..n)")
     ap.add_argument("--batch-sizes", default="1,8", help="batch sizes of the pass-cost part")
     ap.add_argument("--large", action="store_true", help="pass cost of random 59M and 270M models too (minutes)")
     args = ap.parse_args(argv)
@@ -217,12 +233,15 @@ def main(argv: list[str]) -> int:
     ks = parse_ints(args.ks, "--ks") if args.ks else list(range(2, heads + 1))
     if max(ks) > heads or min(ks) < 2:
         raise ConfigError(f"--ks {args.ks} must lie in 2..{heads}, the run's heads")
+    widths = parse_ints(args.tree, "--tree") if args.tree else default_widths(heads)
+    if len(widths) > heads - 1:
+        raise ConfigError(f"--tree {args.tree} has {len(widths)} depths; the run drafts with {heads - 1} heads")
     cfg, tokenizer, mtp, params = load_run(args.run_dir)
-    prompts, source = document_start_prompts(cfg, tokenizer, Path(args.run_dir), args.prompt_len, args.num_prompts)
+    prompts, source = held_out_prompts(cfg, tokenizer, Path(args.run_dir), args.prompt_len, args.num_prompts)
     report: dict[str, Any] = {"run_dir": str(args.run_dir), "device": jax.devices()[0].device_kind,
                               "prompt_source": source, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                               "num_prompts": args.num_prompts, "heads": heads, "ks": ks}
-    report["decoding"] = wall_clock(mtp, params, prompts, args.new_tokens, ks, args.rounds)
+    report["decoding"] = wall_clock(mtp, params, prompts, args.new_tokens, ks, args.rounds, widths)
     models = {"trained": (mtp, params)} | {name: (MTP(c), None) for name, c in cost_models(cfg.model, args.large).items()}
     report["pass_cost"] = {}
     for name, (model, weights) in models.items():

@@ -197,16 +197,17 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> tuple[np.ndarra
 
 def run_decoder(fn: Callable[..., Any], static: dict[str, Any], mtp: MTP, params: Params,
                 prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling, seed: int,
-                stop_tokens: Sequence[int]) -> Result:
+                stop_tokens: Sequence[int], fed: int = 0) -> Result:
     """Checks the inputs, runs the prefill and then `fn`, a jitted loop returning (progress,
-    forward passes, caches); both compiled ahead of time so `wall_s` is decoding alone."""
+    forward passes, caches) that feeds at most `fed` tokens a pass (default n); both compiled
+    ahead of time so `wall_s` is decoding alone."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
     sampling = Sampling(float(sampling.temperature), int(sampling.top_k), float(sampling.top_p))
     sampling.check()
     prompt_BP, prompt_len_B = pad_prompts(prompts, mtp.cfg.vocab_size)
     stop_X = np.array(list(stop_tokens) or [PAD], np.int32)
-    slots = prompt_BP.shape[1] + max_new_tokens + mtp.cfg.mtp_heads
+    slots = prompt_BP.shape[1] + max_new_tokens + max(fed, mtp.cfg.mtp_heads)
     prompt_args = (prompt_BP, prompt_len_B)
     loop_args = (*prompt_args, stop_X, jax.random.key(seed), sampling)
     t0 = time.perf_counter()

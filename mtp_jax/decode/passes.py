@@ -87,13 +87,21 @@ def verify_pass(mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.Array, po
     if mtp.head_kind.chained:
         h_NBTD, cache = forward_step(mtp, params, cache, tokens_BT, positions_BT, heads)
         return h_NBTD[0], lambda index_B: (at_index(h_NBTD[1:], index_B), cache)
-    z_BTD, trunk_cache = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"])
+    z_BTD, h_BTD, cache = trunk_and_first_head(mtp, params, cache, tokens_BT, positions_BT)
+    return h_BTD, functools.partial(later_heads, mtp, params, cache, z_BTD, positions_BT, heads=heads)
+
+
+def trunk_and_first_head(mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.Array, positions_BT: jax.Array,
+                         tree_mask_BTS: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Cache]:
+    """(z, head 1's hidden state, caches) over the fed tokens; `tree_mask_BTS` for a candidate tree."""
+    z_BTD, trunk_cache = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"], tree_mask_BTS)
     first_cache = None if cache["heads"] is None else KVCache(*(x[0] for x in cache["heads"]))
-    h_BTD, first_cache = mtp.head(head_slice(params["heads"], 0), z_BTD, positions_BT, None, first_cache)
+    h_BTD, first_cache = mtp.head_kind.apply(head_slice(params["heads"], 0), z_BTD, positions_BT, None, first_cache,
+                                             tree_mask_BTS=tree_mask_BTS)
     cache = {"trunk": trunk_cache, "heads": cache["heads"]}
     if first_cache is not None:
         cache = _set_heads(cache, 0, KVCache(*(x[None] for x in first_cache)))
-    return h_BTD, functools.partial(later_heads, mtp, params, cache, z_BTD, positions_BT, heads=heads)
+    return z_BTD, h_BTD, cache
 
 
 @functools.partial(jax.jit, static_argnames=("mtp", "slots"))
