@@ -158,8 +158,10 @@ def _reduced(mtp, params, cache, tokens_BT, positions_BT):
 
 
 def _full(mtp, params, cache, tokens_BT, positions_BT):
+    """The same outputs as `_reduced` (head 1 at every fed position, heads 2..k at the last)."""
     h_NBTD, cache = forward_step(mtp, params, cache, tokens_BT, positions_BT, tokens_BT.shape[1])
-    return jnp.argmax(logits(mtp, params, h_NBTD[:, :, -1].swapaxes(0, 1)), axis=-1), cache
+    target_BT = jnp.argmax(logits(mtp, params, h_NBTD[0]), axis=-1)
+    return (target_BT, jnp.argmax(logits(mtp, params, h_NBTD[1:, :, -1].swapaxes(0, 1)), axis=-1)), cache
 
 
 PASSES = {name: jax.jit(fn, static_argnums=0, donate_argnums=2) for name, fn in
@@ -223,6 +225,7 @@ def main(argv: list[str]) -> int:
                     "(default: widest with at most 64 nodes over heads 2..n)")
     ap.add_argument("--batch-sizes", default="1,8", help="batch sizes of the pass-cost part")
     ap.add_argument("--large", action="store_true", help="pass cost of random 59M and 270M models too (minutes)")
+    ap.add_argument("--cost-only", action="store_true", help="skip the decoding part (acceptance, wall clock)")
     args = ap.parse_args(argv)
     sizes = parse_ints(args.batch_sizes, "--batch-sizes")
     if min(args.prompt_len, args.new_tokens, args.num_prompts, args.rounds) < 1:
@@ -241,7 +244,8 @@ def main(argv: list[str]) -> int:
     report: dict[str, Any] = {"run_dir": str(args.run_dir), "device": jax.devices()[0].device_kind,
                               "prompt_source": source, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                               "num_prompts": args.num_prompts, "heads": heads, "ks": ks}
-    report["decoding"] = wall_clock(mtp, params, prompts, args.new_tokens, ks, args.rounds, widths)
+    if not args.cost_only:
+        report["decoding"] = wall_clock(mtp, params, prompts, args.new_tokens, ks, args.rounds, widths)
     models = {"trained": (mtp, params)} | {name: (MTP(c), None) for name, c in cost_models(cfg.model, args.large).items()}
     report["pass_cost"] = {}
     for name, (model, weights) in models.items():

@@ -66,17 +66,27 @@ def later_heads(mtp: MTP, params: Params, cache: Cache, z_BTD: jax.Array, positi
     """Heads 2..`heads`: hidden states (heads - 1, B, D) at fed index index_B only, after writing
     their cache entries at every fed position."""
     z_B1D = at_index(z_BTD[None], index_B)[0][:, None]
+    if heads == 1:
+        return jnp.zeros((0, *z_B1D.shape[::2]), z_BTD.dtype), cache
     position_B1 = jnp.take_along_axis(positions_BT, index_B[:, None], axis=1)
+    j_count = heads - 1
+    h_JBD = jnp.zeros((j_count, *z_B1D.shape[::2]), z_BTD.dtype)
 
-    def one_head(_, xs):
-        params_i, cache_i = xs
+    def one_head(i, carry):
+        # A loop over the whole stacked tree, not a scan over a slice of it: slicing heads 2..k
+        # out of the parameters and caches copies them every pass (a k = 4 pass then measured
+        # slower than the full pass, which slices nothing at k = n).
+        h_JBD, heads_cache = carry
+        params_i = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), params["heads"])
+        cache_i = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), heads_cache)
         cache_i = mtp.head_kind.write_cache(params_i, z_BTD, positions_BT, cache_i)
         h_B1D, cache_i = mtp.head(params_i, z_B1D, position_B1, None, cache_i)  # rewrites one entry, same value
-        return None, (h_B1D[:, 0], cache_i)
+        heads_cache = jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(full, new, i, 0),
+                                   heads_cache, cache_i)
+        return h_JBD.at[i - 1].set(h_B1D[:, 0]), heads_cache
 
-    rest = lambda tree: _heads_slice(tree, 1, heads)
-    _, (h_JBD, head_cache) = jax.lax.scan(one_head, None, (rest(params["heads"]), rest(cache["heads"])))
-    return h_JBD, _set_heads(cache, 1, head_cache)
+    h_JBD, heads_cache = jax.lax.fori_loop(1, heads, one_head, (h_JBD, cache["heads"]))
+    return h_JBD, {"trunk": cache["trunk"], "heads": heads_cache}
 
 
 def verify_pass(mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.Array, positions_BT: jax.Array,
