@@ -252,4 +252,9 @@ def _evaluate(cfg: Config, fns: Any, state: dict, tokenizer: Any, run_dir: Path,
     place = lambda b: _global_batch(b, fns.batch_sharding)
     process = (jax.process_index(), jax.process_count())
     step = int(jax.device_get(state["step"]))
-    return heldout_report(cfg, fns.eval_step, state["params"], tokenizer, run_dir, step, final, place, process)
+    result = heldout_report(cfg, fns.eval_step, state["params"], tokenizer, run_dir, step, final, place, process)
+    if final and process == (0, 1):  # a sample under the table; one process holds every parameter
+        from mtp_jax.decode.prompts import print_sample_completion
+
+        print_sample_completion(cfg, tokenizer, run_dir, jax.device_get(state["params"]))
+    return result

@@ -12,6 +12,7 @@ heads 2..3 good but imperfect drafters and head 1's distribution worth sampling 
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,14 @@ import numpy as np
 import optax
 import pytest
 
-from mtp_jax.config import to_yaml
+from mtp_jax.config import ConfigError, to_yaml
+from mtp_jax.data.pipeline import pack
 from mtp_jax.decode import Sampling, generate, speculative_generate
+from mtp_jax.decode.acceptance import replay
 from mtp_jax.decode.cli import main as cli_main
-from mtp_jax.decode.generate import prefill, token_probs
+from mtp_jax.decode.generate import logits, prefill, token_probs
+from mtp_jax.decode.passes import forward_step, verify_pass
+from mtp_jax.decode.tree import _tree_decode, make_tree, tree_generate
 from mtp_jax.decode.speculative import _speculate, verify
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model.heads import head_slice
@@ -166,20 +171,17 @@ def test_trained_heads_accept_drafts(mtp, models):
 
 @pytest.mark.parametrize("model", ["partial", "trained"])
 def test_forward_passes_match_a_no_cache_simulation(mtp, models, model):
-    """Each sequence's pass count equals blockwise decoding simulated on the greedy output with
-    no cache: drafts are heads 2..k's argmax at the last accepted position, nowhere else."""
+    """Each sequence's pass count equals blockwise decoding replayed on the greedy output with
+    no cache (`acceptance.replay`): drafts are heads 2..k's argmax at the last accepted
+    position, nowhere else."""
     params, prompts, k = models[model], batch_prompts(), N
     spec = speculative_generate(mtp, params, prompts, k, MAX_NEW)
     for prompt, completion, passes in zip(prompts, spec.completions(), spec.passes):
         full = np.array(prompt + completion)
         drafts_TJ = reference_logits(mtp, params, full[None])[1:k, 0].argmax(-1).T
-        length, expected = len(prompt) + 1, 1
-        while length < len(full):
-            ahead = full[length : length + k - 1]  # shorter only where the budget cuts anyway
-            matches = drafts_TJ[length - 2, : len(ahead)] == ahead
-            length += int(np.cumprod(matches).sum()) + 1
-            expected += 1
-        assert passes == expected
+        attempts, accepted, decoding_passes = replay(full.tolist(), len(prompt), drafts_TJ)
+        assert passes == decoding_passes + 1  # the prefill
+        assert attempts[0] >= attempts[1] >= accepted[1] and accepted[0] >= attempts[1]
 
 
 @functools.cache
@@ -197,8 +199,9 @@ def jitted_reference_caches(mtp: MTP):
     return jax.jit(caches)
 
 
+@pytest.mark.parametrize("decoder", ["chain", "tree"])
 @pytest.mark.parametrize("model", ["partial", "trained"])
-def test_caches_hold_only_verified_entries(mtp, models, model):
+def test_caches_hold_only_verified_entries(mtp, models, model, decoder):
     """After speculative decoding with rejections, every cache (trunk and all heads) below each
     sequence's last token equals the model's own caches of the output: drafts left no trace,
     and heads 2..k saw only verified z."""
@@ -207,15 +210,89 @@ def test_caches_hold_only_verified_entries(mtp, models, model):
     tokens = np.zeros((3, lengths.max()), np.int32)
     for row, p in zip(tokens, prompts):
         row[: len(p)] = p
-    h, cache = prefill(mtp, params, tokens, lengths, slots=tokens.shape[1] + MAX_NEW + N)
+    fed = len(make_tree((3, 2)).depth) if decoder == "tree" else N
+    h, cache = prefill(mtp, params, tokens, lengths, slots=tokens.shape[1] + MAX_NEW + fed)
     args = (tokens, lengths, np.array([-1], np.int32), jax.random.key(0), Sampling())
-    prog, _, cache = _speculate(mtp, params, cache, h, *args, k=N, max_new=MAX_NEW, mode="greedy")
+    run, static = (_tree_decode, {"widths": (3, 2)}) if decoder == "tree" else (_speculate, {"k": N})
+    prog, _, cache = run(mtp, params, cache, h, *args, max_new=MAX_NEW, mode="greedy", **static)
     out_len = np.asarray(prog.length_B)
     outputs = np.maximum(np.asarray(prog.tokens_BS)[:, : out_len.max()], 0)  # PAD -> 0 past each length
     want = jitted_reference_caches(mtp)(params, outputs)
     for got_leaf, want_leaf in zip(jax.tree.leaves(cache), jax.tree.leaves(want)):
         for b, n in enumerate(out_len - 1):  # axes: (layer or head, batch, slot, ...)
             np.testing.assert_allclose(np.asarray(got_leaf)[:, b, :n], np.asarray(want_leaf)[:, b, :n], atol=2e-5)
+
+
+@pytest.mark.parametrize("model", ["partial", "trained"])
+def test_reduced_pass_equals_feeding_tokens_one_at_a_time(mtp, models, model):
+    """One verify pass (heads 2..N only write KV entries, then run at the last accepted position)
+    leaves the caches that feeding the accepted tokens one at a time through every head leaves,
+    and drafts from the hidden states a no-cache forward gives at that position."""
+    params, prompts = models[model], batch_prompts()
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.zeros((3, lengths.max()), np.int32)
+    for row, p in zip(tokens, prompts):
+        row[: len(p)] = p
+    h_NBD, start = prefill(mtp, params, tokens, lengths, slots=tokens.shape[1] + MAX_NEW + N)
+    fed_BK = np.asarray(logits(mtp, params, h_NBD.swapaxes(0, 1)).argmax(-1), np.int32)  # head 1's token, drafts
+    positions_BK = lengths[:, None] + np.arange(N)
+
+    @jax.jit
+    def reduced(cache):
+        h_BKD, draft = verify_pass(mtp, params, cache, fed_BK, positions_BK, N)
+        target_BK = logits(mtp, params, h_BKD).argmax(-1)
+        accepted_B = jnp.sum(jnp.cumprod(fed_BK[:, 1:] == target_BK[:, :-1], axis=1), axis=1)
+        return (accepted_B, *draft(accepted_B))
+
+    accepted, h_JBD, got = reduced(start)
+    accepted = np.asarray(accepted)
+    assert accepted.min() < N - 1 or model == "trained"
+    step = jax.jit(forward_step, static_argnums=(0, 5))
+    want, h_one = start, []
+    for j in range(N):  # the full pass, one token at a time
+        h_NB1D, want = step(mtp, params, want, fed_BK[:, j : j + 1], positions_BK[:, j : j + 1], N)
+        h_one.append(h_NB1D[:, :, 0])
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        for b, n in enumerate(lengths + accepted + 1):  # every slot up to the last accepted token
+            np.testing.assert_allclose(np.asarray(got_leaf)[:, b, :n], np.asarray(want_leaf)[:, b, :n], atol=2e-5)
+    full = np.zeros((3, lengths.max() + N), np.int32)
+    for b, (p, a) in enumerate(zip(prompts, accepted)):
+        full[b, : len(p) + a + 1] = p + fed_BK[b, : a + 1].tolist()
+        want_h = np.asarray(h_one[a][1:, b])
+        np.testing.assert_allclose(np.asarray(h_JBD[:, b]), want_h, atol=2e-5)
+        ref = reference_logits(mtp, params, full[b : b + 1])[1:, 0, len(p) + a]
+        np.testing.assert_allclose(np.asarray(logits(mtp, params, h_JBD[:, b][None]))[0], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["random", "partial", "trained"])
+def test_tree_equals_greedy_in_a_batch(mtp, models, greedy_runs, model):
+    stop, greedy = greedy_runs[model]
+    tree = tree_generate(mtp, models[model], batch_prompts(), (3, 2), MAX_NEW, stop_tokens=[stop])
+    np.testing.assert_array_equal(tree.tokens, greedy.tokens)
+
+
+def test_tree_accepts_more_than_the_chain(mtp, models):
+    prompts = walk(np.random.default_rng(3), 3, 9).tolist()
+    chain = speculative_generate(mtp, models["partial"], prompts, N, MAX_NEW)
+    tree = tree_generate(mtp, models["partial"], prompts, (3, 2), MAX_NEW)
+    assert tree.completions() == chain.completions()
+    assert tree.stats.tokens_per_forward > chain.stats.tokens_per_forward, (tree.stats, chain.stats)
+
+
+def test_tree_refuses_sampling_and_bad_widths(mtp, models):
+    with pytest.raises(ConfigError, match="greedy only"):
+        tree_generate(mtp, models["random"], [[1]], (2, 2), 4, Sampling(temperature=1.0))
+    with pytest.raises(ConfigError, match="tree widths"):
+        tree_generate(mtp, models["random"], [[1]], (2, 2, 2), 4)
+
+
+def test_make_tree_by_hand():
+    tree = make_tree((2, 2))  # root, a b, aa ab ba bb
+    np.testing.assert_array_equal(tree.depth, [0, 1, 1, 2, 2, 2, 2])
+    np.testing.assert_array_equal(tree.parent, [0, 0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(tree.rank, [0, 0, 1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(tree.path[5], [0, 2, 5])
+    assert tree.ancestors[6].tolist() == [True, False, True, False, False, False, True]
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(mtp, models):
@@ -340,3 +417,27 @@ def test_cli_prints_completion_and_stats(run_dir, cfg, mtp, models, capsys, monk
     assert cli_main([str(run_dir), "--prompt", "abcde", "--speculative", "3", "--max-new-tokens", str(MAX_NEW)]) == 0
     completion, stats = capsys.readouterr().out.splitlines()
     assert set(completion) <= set("abcdefghijklmno") and "tokens/pass" in stats and "tokens/s" in stats
+
+
+def test_decoding_sees_the_contexts_training_sees(run_dir, cfg, mtp, models, capsys, monkeypatch):
+    """mtp-generate feeds the prompt as a document start with nothing before it (no end-of-text
+    token); head 1's distribution there is the training forward's at that document inside a
+    packed training window (after another document and its end-of-text token)."""
+    import mtp_jax.run
+
+    gen = importlib.import_module("mtp_jax.decode.generate")  # the package exports a function of that name
+    params, seen, real = models["trained"], [], gen.generate
+    monkeypatch.setattr(mtp_jax.run, "load_run", lambda _: (cfg, Letters(), mtp, params))
+    monkeypatch.setattr(gen, "generate", lambda m, p, prompts, **kw: seen.append(prompts) or real(m, p, prompts, **kw))
+    assert cli_main([str(run_dir), "--prompt", "abcde", "--max-new-tokens", "2"]) == 0
+    prompt = Letters().encode("abcde")
+    assert seen == [[prompt]]
+    tokens, starts = pack([np.array([3, 4, 5, 6]), np.array(prompt)], Letters.eot_id)
+    segments = np.searchsorted(starts, np.arange(len(tokens)), side="right")
+    train_V = jax.jit(mtp.forward)(params, tokens[None], None, segments[None])[0, 0, starts[1] + len(prompt) - 1]
+    h_NBD, _ = prefill(mtp, params, np.array([prompt]), np.array([len(prompt)]), slots=len(prompt) + 2 + N)
+    np.testing.assert_allclose(np.asarray(logits(mtp, params, h_NBD[0][:, None]))[0, 0], train_V, atol=1e-4)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([str(run_dir), "--prompt", ""])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "encodes to no tokens" in err and err.count("\n") == 1

@@ -1,5 +1,10 @@
 """`mtp-generate RUN_DIR --prompt TEXT`: a completion from a trained run, plus decoding statistics.
 
+The prompt is the start of a document, fed as is: in training a document's first token attends
+to nothing before it (the end-of-text token closes the previous document and is never attended
+across), so no end-of-text token goes in front. With no --prompt, documents start with
+DEFAULT_PROMPT, how most Python modules begin; a prompt must encode to at least one token.
+
 Flags are checked before anything loads, and `--speculative K` against the run's head count
 before the checkpoint is restored, so every mistake is one `error: ...` line and exit code 2.
 """
@@ -15,11 +20,14 @@ from mtp_jax.config import Config
 from mtp_jax.errors import ArgParser, ConfigError, guarded
 from mtp_jax.interrupts import interruptible
 
+DEFAULT_PROMPT = '"""'  # a module docstring: how more than half of the standard library's modules start
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = ArgParser(prog="mtp-generate", description="Complete a prompt with a trained MTP run.")
     ap.add_argument("run_dir", help="a training run directory (train.run_dir)")
-    ap.add_argument("--prompt", default="", help="text to complete (the model sees EOT, then this)")
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT,
+                    help=f"the start of a document to complete (default {DEFAULT_PROMPT}, a module docstring)")
     ap.add_argument("--speculative", type=int, default=0, metavar="K",
                     help="self-speculative decoding with heads 1..K (0 = plain decoding)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -93,7 +101,10 @@ def main(argv: list[str]) -> int:
     if args.speculative > heads:
         raise ConfigError(f"--speculative {args.speculative} exceeds the run's {heads} heads; use 1..{heads}")
     _, tokenizer, mtp, params = load_run(args.run_dir)
-    prompt = [tokenizer.eot_id] + tokenizer.encode(args.prompt)  # EOT precedes every training document
+    prompt = tokenizer.encode(args.prompt)  # a document start, as in training: nothing before it
+    if not prompt:
+        raise ConfigError(f"--prompt {args.prompt!r} encodes to no tokens; give the start of a document, "
+                          f"e.g. --prompt '{DEFAULT_PROMPT}'")
     check_budget(cfg, len(prompt), args.max_new_tokens, _memory_bytes())  # before decoding allocates anything
     decode = functools.partial(speculative_generate, k=args.speculative) if args.speculative else generate
     result = decode(mtp, params, [prompt], max_new_tokens=args.max_new_tokens, seed=args.seed,

@@ -12,7 +12,7 @@ at quickstart size (d=128, V=2048). Inside the loop XLA updates the cache carry 
 which is what donation buys the Python loop (the prefill's caches are donated to the loop).
 The price is no token streaming.
 
-`forward_step`, `Progress`/`append` and `run_decoder` are shared with `speculative.py`.
+`Progress`/`append` and `run_decoder` are shared with `speculative.py`; the passes are in `passes.py`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.config import ConfigError
-from mtp_jax.model.layers import KVCache
+from mtp_jax.decode.passes import Cache, forward_step, prefill
 from mtp_jax.model.transformer import MTP, Params
 
-Cache = dict[str, KVCache | None]
 PAD = -1  # fills the output after each sequence's length; never a real token
 
 
@@ -89,46 +88,6 @@ def draw(key: jax.Array, probs_XV: jax.Array, greedy: bool) -> jax.Array:
 
 def logits(mtp: MTP, params: Params, h_BTD: jax.Array) -> jax.Array:
     return mtp.logits(mtp.shared(params), h_BTD)
-
-
-def at_index(x_NBT: jax.Array, index_B: jax.Array) -> jax.Array:
-    """x[:, b, index_B[b]] for every sequence b: (N, B, T, ...) -> (N, B, ...)."""
-    return jax.vmap(lambda x_NT, i: x_NT[:, i], in_axes=(1, 0), out_axes=1)(x_NBT, index_B)
-
-
-# --- the one cached forward step -------------------------------------------------------------
-def forward_step(
-    mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.Array, positions_BT: jax.Array, heads: int
-) -> tuple[jax.Array, Cache]:
-    """Hidden states (heads, B, T, D) of heads 1..`heads`, writing their caches at these positions.
-
-    All these heads run at every fed position: head j's cache entry at position p must come from
-    z_p of the verified prefix, and which fed positions get verified is only known afterwards.
-    Heads are a lax.scan, so compile time does not grow with k.
-    """
-    z_BTD, trunk_cache = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"])
-
-    def one_head(_, xs):
-        h_BTD, cache_i = mtp.head(xs[0], z_BTD, positions_BT, None, xs[1])
-        return None, (h_BTD, cache_i)
-
-    first = lambda tree: jax.tree.map(lambda x: x[:heads], tree)
-    _, (h_NBTD, head_cache) = jax.lax.scan(one_head, None, (first(params["heads"]), first(cache["heads"])))
-    if head_cache is not None:
-        head_cache = jax.tree.map(lambda full, new: full.at[:heads].set(new), cache["heads"], head_cache)
-    return h_NBTD, {"trunk": trunk_cache, "heads": head_cache}
-
-
-@functools.partial(jax.jit, static_argnames=("mtp", "slots"))
-def prefill(mtp: MTP, params: Params, prompt_BP: jax.Array, prompt_len_B: jax.Array, *,
-            slots: int) -> tuple[jax.Array, Cache]:
-    """Every head's hidden state (N, B, D) at each prompt's last token, and caches of `slots`
-    slots holding the prompts: one forward pass over all heads, so plain and speculative
-    decoding of the same shapes share this compiled function."""
-    b, p = prompt_BP.shape
-    positions_BP = jnp.broadcast_to(jnp.arange(p), (b, p))
-    h_NBPD, cache = forward_step(mtp, params, mtp.init_cache(b, slots), prompt_BP, positions_BP, mtp.cfg.mtp_heads)
-    return at_index(h_NBPD, prompt_len_B - 1), cache
 
 
 # --- per-sequence progress -------------------------------------------------------------------
@@ -226,7 +185,7 @@ class Result:
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, P) right-padded prompt ids and each prompt's length."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("every prompt needs at least one token; start it with the EOT token if it is empty")
+        raise ConfigError("every prompt needs at least one token: the start of a document")
     lengths = np.array([len(p) for p in prompts], np.int32)
     tokens = np.zeros((len(prompts), lengths.max()), np.int32)
     for row, prompt in zip(tokens, prompts):
@@ -238,16 +197,17 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> tuple[np.ndarra
 
 def run_decoder(fn: Callable[..., Any], static: dict[str, Any], mtp: MTP, params: Params,
                 prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling, seed: int,
-                stop_tokens: Sequence[int]) -> Result:
+                stop_tokens: Sequence[int], fed: int = 0) -> Result:
     """Checks the inputs, runs the prefill and then `fn`, a jitted loop returning (progress,
-    forward passes, caches); both compiled ahead of time so `wall_s` is decoding alone."""
+    forward passes, caches) that feeds at most `fed` tokens a pass (default n); both compiled
+    ahead of time so `wall_s` is decoding alone."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
     sampling = Sampling(float(sampling.temperature), int(sampling.top_k), float(sampling.top_p))
     sampling.check()
     prompt_BP, prompt_len_B = pad_prompts(prompts, mtp.cfg.vocab_size)
     stop_X = np.array(list(stop_tokens) or [PAD], np.int32)
-    slots = prompt_BP.shape[1] + max_new_tokens + mtp.cfg.mtp_heads
+    slots = prompt_BP.shape[1] + max_new_tokens + max(fed, mtp.cfg.mtp_heads)
     prompt_args = (prompt_BP, prompt_len_B)
     loop_args = (*prompt_args, stop_X, jax.random.key(seed), sampling)
     t0 = time.perf_counter()

@@ -6,7 +6,8 @@ token length - 1 is not fed yet; heads 2..k proposed k - 1 drafts for positions
 length .. length + k - 2 from z at position length - 2, drawn from distributions q.
 
 A pass feeds [token length - 1, drafts] at positions length - 1 .. length + k - 2, writing
-every cache there. Head 1 then gives the target distribution p at each fed position; the
+every cache there (`passes.verify_pass`: the trunk and head 1 run there, heads 2..k only write
+their key/value entries and run at the last accepted position). Head 1 then gives the target distribution p at each fed position; the
 drafts are accepted left to right (`verify`), the first rejected one replaced by a corrected
 token (or, all accepted, a bonus token follows), so a pass yields 1..k tokens. Fresh drafts
 come from heads 2..k at the last accepted position, whose z (like every z before it) now
@@ -32,9 +33,9 @@ import jax.numpy as jnp
 
 from mtp_jax.config import ConfigError
 from mtp_jax.decode.generate import (
-    Cache, Progress, Result, Sampling, append, at_index, draw, forward_step, last_token, logits, run_decoder,
-    sample_next, start, token_probs,
+    Progress, Result, Sampling, append, draw, last_token, logits, run_decoder, sample_next, start, token_probs,
 )
+from mtp_jax.decode.passes import Cache, verify_pass
 from mtp_jax.model.transformer import MTP, Params
 
 
@@ -85,12 +86,13 @@ def _speculate(mtp: MTP, params: Params, cache: Cache, h_NBD: jax.Array, prompt_
         prog, cache, key, drafts_BJ, q_BJV, passes = carry
         positions_BK = prog.length_B[:, None] - 1 + jnp.arange(k)
         fed_BK = jnp.concatenate([last_token(prog), drafts_BJ], axis=1)
-        h_NBKD, cache = forward_step(mtp, params, cache, fed_BK, positions_BK, heads=k)
-        p_BKV = token_probs(logits(mtp, params, h_NBKD[0]), sampling, mode)
+        h_BKD, draft = verify_pass(mtp, params, cache, fed_BK, positions_BK, heads=k)
+        p_BKV = token_probs(logits(mtp, params, h_BKD), sampling, mode)
         key, key_verify, key_draft = jax.random.split(key, 3)
         accepted_B, new_BK = verify(key_verify, p_BKV, q_BJV, drafts_BJ, mode == "greedy")
         prog = append(prog, new_BK, accepted_B + 1, prompt_len_B, stop_X, max_new)
-        drafts_BJ, q_BJV = propose(mtp, params, key_draft, at_index(h_NBKD[1:], accepted_B), sampling, mode)
+        h_JBD, cache = draft(accepted_B)
+        drafts_BJ, q_BJV = propose(mtp, params, key_draft, h_JBD, sampling, mode)
         return prog, cache, key, drafts_BJ, q_BJV, passes + 1
 
     init = (prog, cache, key, drafts_BJ, q_BJV, jnp.int32(1))

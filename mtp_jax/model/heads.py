@@ -44,9 +44,11 @@ class HeadKind(Protocol):
 
     def apply(
         self, params_i: dict, z_BTD: jax.Array, positions_BT: jax.Array, segments_BT: jax.Array | None,
-        cache: KVCache | None, prev_BTD: jax.Array | None = None,
+        cache: KVCache | None, prev_BTD: jax.Array | None = None, tree_mask_BTS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Head i's hidden state from the trunk output, given head i's (unstacked) parameters."""
+        """Head i's hidden state from the trunk output, given head i's (unstacked) parameters.
+        `tree_mask_BTS` (decoding, independent kinds) replaces the causal mask over cache slots:
+        tree verification runs head 1 over a candidate tree."""
 
     def write_cache(self, params_i: dict, z_BTD: jax.Array, positions_BT: jax.Array,
                     cache: KVCache | None) -> KVCache | None:
@@ -66,8 +68,8 @@ class TransformerHeads:
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: Block(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None):
-        return nnx.merge(self.block_def, params_i)(z_BTD, positions_BT, segments_BT, cache)
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None):
+        return nnx.merge(self.block_def, params_i)(z_BTD, positions_BT, segments_BT, cache, tree_mask_BTS)
 
     def write_cache(self, params_i, z_BTD, positions_BT, cache):
         return nnx.merge(self.block_def, params_i).write_cache(z_BTD, positions_BT, cache)
@@ -90,7 +92,7 @@ class LinearHeads:
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: LinearProjection(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None):
         return z_BTD @ params_i["kernel"].astype(z_BTD.dtype), cache
 
     def write_cache(self, params_i, z_BTD, positions_BT, cache):

@@ -87,6 +87,7 @@ class Attention(nnx.Module):
         positions_BT: jax.Array,
         segments_BT: jax.Array | None,
         cache: KVCache | None,
+        tree_mask_BTS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         dt = x_BTD.dtype
         q = rope(jnp.einsum("btd,dhe->bthe", x_BTD, self.wq[...].astype(dt)), positions_BT, self.theta)
@@ -96,11 +97,13 @@ class Attention(nnx.Module):
             # Training: causal within the window, never across a document (segment ids, no mask tensor).
             out_BTHE = causal_attention(self.impl, q, k, v, segments_BT)
         else:
-            # Decoding: slot s holds position s; slots past the query (stale drafts included) are masked.
+            # Decoding: slot s holds position s; slots past the query (stale drafts included) are
+            # masked. A candidate tree (tree verification) brings its own mask over the slots.
             cache = write_cache(cache, k, v, positions_BT)
             k, v = cache.k_BSKE.astype(dt), cache.v_BSKE.astype(dt)
             slots_S = jnp.arange(k.shape[1])
-            out_BTHE = dense_attention(q, k, v, slots_S[None, None, :] <= positions_BT[:, :, None])
+            mask_BTS = slots_S[None, None, :] <= positions_BT[:, :, None] if tree_mask_BTS is None else tree_mask_BTS
+            out_BTHE = dense_attention(q, k, v, mask_BTS)
         out_BTD = jnp.einsum("bthe,hed->btd", out_BTHE, self.wo[...].astype(dt))
         return out_BTD, cache
 
@@ -134,8 +137,9 @@ class Block(nnx.Module):
         positions_BT: jax.Array,
         segments_BT: jax.Array | None = None,
         cache: KVCache | None = None,
+        tree_mask_BTS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        a_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segments_BT, cache)
+        a_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segments_BT, cache, tree_mask_BTS)
         x_BTD = x_BTD + a_BTD
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return constrain(x_BTD, ("batch", None, "embed")), cache

@@ -95,12 +95,14 @@ class MTP:
         positions_BT: jax.Array,
         segments_BT: jax.Array | None = None,
         cache: KVCache | None = None,
+        tree_mask_BTS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """z for every position; blocks applied with lax.scan so compile time is flat in depth."""
+        """z for every position; blocks applied with lax.scan so compile time is flat in depth.
+        `tree_mask_BTS` (decoding only) replaces the causal mask over cache slots."""
 
         def body(x_BTD, layer):
             block_params, layer_cache = layer
-            return nnx.merge(self.block_def, block_params)(x_BTD, positions_BT, segments_BT, layer_cache)
+            return nnx.merge(self.block_def, block_params)(x_BTD, positions_BT, segments_BT, layer_cache, tree_mask_BTS)
 
         if self.cfg.remat in _REMAT:
             body = jax.checkpoint(body, policy=_REMAT[self.cfg.remat])
