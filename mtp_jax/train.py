@@ -22,6 +22,7 @@ from mtp_jax.config import Config
 from mtp_jax.data import pipeline
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
+from mtp_jax.hooks import pause_point
 from mtp_jax.metrics import MetricsWriter, check_finite
 from mtp_jax.optim import schedule
 from mtp_jax.run import build, resolve_vocab, write_run_files
@@ -131,6 +132,7 @@ def train(cfg: Config) -> dict:
                 pending = (step, (metrics, extra))
                 window_start, window_steps = time.perf_counter(), 0
             ckpt.save(step, state, data_iter.get_state())
+            pause_point("step", step)
             if preemption.agreed(sync_now=step % tcfg.log_every == 0):
                 log(f"SIGTERM: saving step {step} and exiting")
                 ckpt.save(step, state, data_iter.get_state(), force=True)
