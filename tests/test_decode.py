@@ -339,4 +339,8 @@ def test_cli_prints_completion_and_stats(run_dir, cfg, mtp, models, capsys, monk
     monkeypatch.setattr(mtp_jax.run, "load_run", lambda _: (cfg, Letters(), mtp, models["trained"]))
     assert cli_main([str(run_dir), "--prompt", "abcde", "--speculative", "3", "--max-new-tokens", str(MAX_NEW)]) == 0
     completion, stats = capsys.readouterr().out.splitlines()
-    assert set(completion) <= set("abcdefghijklmno") and "tokens/pass" in stats and "tokens/s" in stats
+    prompt = [Letters.eot_id] + Letters().encode("abcde")  # the CLI starts every prompt with EOT
+    want = naive_greedy(mtp, models["trained"], [prompt], MAX_NEW)[0]
+    want = want[: want.index(Letters.eot_id) + 1] if Letters.eot_id in want else want  # EOT stops it
+    assert completion == Letters().decode([t for t in want if t != Letters.eot_id]) and len(want) > 2
+    assert stats.startswith(f"[{len(want)} tokens, ") and "tokens/pass" in stats and "tokens/s" in stats
