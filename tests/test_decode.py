@@ -1,7 +1,7 @@
 """Decoding against independent references: a no-cache argmax loop over `MTP.forward`, plain
-greedy decoding (which speculative decoding must reproduce token for token), the model's own
-KV caches of the output (which the decoder's caches must match), a no-cache simulation of
-blockwise decoding (whose pass counts the decoder must match), and exact distributions
+greedy decoding (which speculative decoding must reproduce token for token), reference keys
+and values of the output (test_model's blocks, no cache code), which the decoder's caches must
+hold, a no-cache simulation of blockwise decoding (whose pass counts the decoder must match), and exact distributions
 (which speculative sampling must keep).
 
 One tiny n=3 model shape serves every test, random and trained, so the compiled decoders are
@@ -25,13 +25,17 @@ from mtp_jax.decode.cli import main as cli_main
 from mtp_jax.decode.generate import prefill, token_probs
 from mtp_jax.decode.speculative import _speculate, verify
 from mtp_jax.loss import loss_weights, mtp_loss
-from mtp_jax.model.heads import head_slice
 from mtp_jax.model.layers import KVCache
 from mtp_jax.model.transformer import MTP
 
+try:
+    from test_model import layer, ref_block, ref_rmsnorm, ref_rope
+except ImportError:  # pytest's importlib mode: the tests folder is not on sys.path
+    import sys
+    from pathlib import Path
 
-def stack_caches(caches: list[KVCache]) -> KVCache:
-    return KVCache(*(jnp.stack(xs) for xs in zip(*caches)))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_model import layer, ref_block, ref_rmsnorm, ref_rope
 
 V, N, MAX_NEW = 16, 3, 16
 SHAPE = dict(model__vocab_size=V, model__n_layers=5, model__mtp_heads=N)
@@ -184,15 +188,23 @@ def test_forward_passes_match_a_no_cache_simulation(mtp, models, model):
 
 @functools.cache
 def jitted_reference_caches(mtp: MTP):
-    """Trunk and every head's KV cache for a whole sequence, from the model's own API alone."""
+    """Keys and values (layer or head, B, T, K, E) of the trunk and of every head for a whole
+    sequence, from test_model's reference (its rmsnorm, rope and block; no cache code)."""
+    cfg = mtp.cfg
+
+    def kv(p: dict, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h_BTD = ref_rmsnorm(x_BTD, p["attn_norm"]["scale"], cfg.norm_eps)
+        k_BTKE = ref_rope(jnp.einsum("btd,dke->btke", h_BTD, p["attn"]["wk"]), cfg.rope_theta)
+        return k_BTKE, jnp.einsum("btd,dke->btke", h_BTD, p["attn"]["wv"])
 
     def caches(params, tokens_BT):
-        b, t = tokens_BT.shape
-        positions_BT, cache = jnp.broadcast_to(jnp.arange(t), (b, t)), mtp.init_cache(b, t)
-        z_BTD, trunk = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"])
-        heads = [mtp.head(head_slice(params["heads"], i), z_BTD, positions_BT, None,
-                          KVCache(*(x[i] for x in cache["heads"])))[1] for i in range(N)]
-        return {"trunk": trunk, "heads": stack_caches(heads)}
+        x_BTD, one_document = params["embed"]["embedding"][tokens_BT], jnp.ones(tokens_BT.shape, jnp.int32)
+        trunk = []
+        for i in range(cfg.trunk_layers):
+            trunk.append(kv(layer(params["trunk"], i), x_BTD))
+            x_BTD = ref_block(layer(params["trunk"], i), x_BTD, one_document, cfg)
+        heads = [kv(layer(params["heads"], i), x_BTD) for i in range(cfg.mtp_heads)]
+        return {name: KVCache(*(jnp.stack(xs) for xs in zip(*kvs))) for name, kvs in (("trunk", trunk), ("heads", heads))}
 
     return jax.jit(caches)
 
@@ -200,8 +212,8 @@ def jitted_reference_caches(mtp: MTP):
 @pytest.mark.parametrize("model", ["partial", "trained"])
 def test_caches_hold_only_verified_entries(mtp, models, model):
     """After speculative decoding with rejections, every cache (trunk and all heads) below each
-    sequence's last token equals the model's own caches of the output: drafts left no trace,
-    and heads 2..k saw only verified z."""
+    sequence's last token holds the reference keys and values of the output: drafts left no
+    trace, heads 2..k saw only verified z, and every entry sits in its position's slot."""
     params, prompts = models[model], batch_prompts()
     lengths = np.array([len(p) for p in prompts])
     tokens = np.zeros((3, lengths.max()), np.int32)
@@ -213,7 +225,7 @@ def test_caches_hold_only_verified_entries(mtp, models, model):
     out_len = np.asarray(prog.length_B)
     outputs = np.maximum(np.asarray(prog.tokens_BS)[:, : out_len.max()], 0)  # PAD -> 0 past each length
     want = jitted_reference_caches(mtp)(params, outputs)
-    for got_leaf, want_leaf in zip(jax.tree.leaves(cache), jax.tree.leaves(want)):
+    for got_leaf, want_leaf in zip(jax.tree.leaves((cache["trunk"], cache["heads"])), jax.tree.leaves((want["trunk"], want["heads"]))):
         for b, n in enumerate(out_len - 1):  # axes: (layer or head, batch, slot, ...)
             np.testing.assert_allclose(np.asarray(got_leaf)[:, b, :n], np.asarray(want_leaf)[:, b, :n], atol=2e-5)
 
