@@ -11,6 +11,7 @@ heads 2..3 good but imperfect drafters and head 1's distribution worth sampling 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -158,6 +159,19 @@ def test_speculative_equals_greedy_alone(mtp, models, model):
     prompt = [walk(np.random.default_rng(2), 1, 6)[0].tolist()]
     spec = speculative_generate(mtp, models[model], prompt, N, MAX_NEW)
     assert spec.completions() == naive_greedy(mtp, models[model], prompt, MAX_NEW)
+
+
+def test_speculative_equals_greedy_in_bf16(cfg, models):
+    """bf16 compute: a verify pass over k positions and k one-token passes round differently,
+    yet head 1's argmax must agree token for token (the partially trained model's logits have
+    margins far above bf16 rounding; the random one's near-ties would not)."""
+    mtp16 = MTP(dataclasses.replace(cfg.model, dtype="bfloat16"))
+    assert mtp16.dtype == jnp.bfloat16
+    prompts = batch_prompts()
+    for name in ("partial", "trained"):
+        greedy = generate(mtp16, models[name], prompts, MAX_NEW)
+        for k in (2, N):
+            assert speculative_generate(mtp16, models[name], prompts, k, MAX_NEW).completions() == greedy.completions(), (name, k)
 
 
 def test_trained_heads_accept_drafts(mtp, models):
