@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -310,7 +311,9 @@ def test_survivor_names_a_peer_that_raised(worker: Path) -> None:
 
 
 def test_losing_the_coordinator_ends_the_survivor(worker: Path) -> None:
-    """Process 0 (the coordinator) is SIGKILLed: JAX itself aborts the survivor within seconds."""
+    """Process 0 (the coordinator) is SIGKILLed: JAX's coordination client aborts the survivor
+    (SIGABRT) within seconds, saying the distributed service failed."""
     code, err, after = outcome(spawn_pair(worker, "kill", victim=0), victim=0)
-    assert code != 0, err
+    assert code == -signal.SIGABRT, (code, err[-3000:])
+    assert "Terminating process because the JAX distributed service detected fatal errors" in err, err[-3000:]
     assert after < 4 * HEARTBEAT_S + 10

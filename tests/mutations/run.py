@@ -2,10 +2,12 @@
 scratch copy of the repository, the tests it names must fail.
 
     python tests/mutations/run.py            # every patch
+    python tests/mutations/run.py --ci       # CI: leaves out the patches marked `# slow: ...`
     python tests/mutations/run.py NAME ...   # some (file names without .patch)
 
 A patch starts with comment lines before its diff: `# test: NODE` (one or more pytest node ids,
-run with `-x`) and `# why: ...`. The mutated package is imported from the scratch copy
+run with `-x`), `# why: ...`, and `# slow: REASON` where its test is in the slow lane (too long
+for CI's budget: run it by hand when that code changes). The mutated package is imported from the scratch copy
 (PYTHONPATH first; checked). A patch that no longer applies, a test run that errors out
 (pytest exit status other than 0 or 1) or a mutation the tests miss makes the script exit 1.
 The last line printed is a JSON summary.
@@ -72,7 +74,11 @@ def run_one(patch: Path) -> dict:
 
 
 def main(names: list[str]) -> int:
-    patches = sorted(HERE.glob("*.patch"))
+    patches, skipped = sorted(HERE.glob("*.patch")), []
+    if names[:1] == ["--ci"]:
+        names = names[1:]
+        skipped = [p.stem for p in patches if header(p).get("slow")]
+        patches = [p for p in patches if p.stem not in skipped]
     if names:
         unknown = set(names) - {p.stem for p in patches}
         if unknown:
@@ -85,7 +91,7 @@ def main(names: list[str]) -> int:
         print(f"{result['patch']}: {result['outcome']} ({result.get('seconds', 0)} s) {result['detail']}", flush=True)
     bad = [r["patch"] for r in results if r["outcome"] != "caught"]
     print(json.dumps({"patches": len(results), "caught": len(results) - len(bad), "not_caught": bad,
-                      "seconds": {r["patch"]: r.get("seconds") for r in results}}))
+                      "skipped_slow": skipped, "seconds": {r["patch"]: r.get("seconds") for r in results}}))
     return 1 if bad or not results else 0
 
 
