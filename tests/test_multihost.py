@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
 # The quickstart model on a small slice of the corpus; the mesh spans both processes.
@@ -21,6 +23,7 @@ COMMON = [
 TRAIN = [sys.executable, "-m", "mtp_jax.cli", "train"]
 # Sharded float32 reductions run in a different order on 2x4 than on 1x8 devices: allow rounding.
 RTOL = 2e-5
+pytestmark = pytest.mark.slow  # real multi-process training runs
 
 
 def env(devices: int, **extra: str) -> dict:

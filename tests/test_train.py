@@ -53,6 +53,7 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_run_directory_and_final_table(reference: Path) -> None:
     for name in ("config.yaml", "versions.json", "tokenizer", "data_manifest.json", "metrics.jsonl", "eval.json"):
         assert (reference / name).exists(), name
@@ -67,6 +68,7 @@ def test_run_directory_and_final_table(reference: Path) -> None:
     assert len(losses(reference)) == 12
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bitwise_identical(reference: Path, tmp_path: Path) -> None:
     """The run pauses right after saving step 4 (hook `pause_point("step", 4)`), is killed with -9
     there, and resumes: no race between the kill and the end of the run."""
@@ -88,6 +90,7 @@ def test_kill_9_then_resume_is_bitwise_identical(reference: Path, tmp_path: Path
     assert all(got[s] == want[s] for s in range(5, 13)), {s: (got.get(s), want[s]) for s in range(5, 13)}
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(tmp_path: Path) -> None:
     run_dir = tmp_path / "preempted"
     proc = mtp_train(run_dir, "train.steps=100000", "train.checkpoint_every=100000")
@@ -121,6 +124,7 @@ def test_bad_input_is_one_line(tmp_path: Path, overrides: list[str], message: st
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_non_utf8_input_is_counted(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -133,6 +137,7 @@ def test_non_utf8_input_is_counted(tmp_path: Path) -> None:
     assert "1 of 41 documents were not valid UTF-8" in err
 
 
+@pytest.mark.slow
 def test_mtp_eval_reproduces_the_final_evaluation(reference: Path) -> None:
     """mtp-eval restores the newest checkpoint on one device and recomputes the training run's table."""
     final = json.loads((reference / "eval.json").read_text())["details"]
