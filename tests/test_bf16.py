@@ -18,14 +18,7 @@ import numpy as np
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model.transformer import MTP
 
-try:
-    from test_model import random_params
-except ImportError:  # pytest's importlib mode: the tests folder is not on sys.path
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_model import random_params
+from test_model import random_params
 
 REL_ERR = 0.04  # per parameter: |g_bf16 - g_fp32| / |g_fp32| (Frobenius)
 

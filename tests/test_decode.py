@@ -29,14 +29,7 @@ from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model.layers import KVCache
 from mtp_jax.model.transformer import MTP
 
-try:
-    from test_model import layer, ref_block, ref_rmsnorm, ref_rope
-except ImportError:  # pytest's importlib mode: the tests folder is not on sys.path
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_model import layer, ref_block, ref_rmsnorm, ref_rope
+from test_model import layer, ref_block, ref_rmsnorm, ref_rope
 
 V, N, MAX_NEW = 16, 3, 16
 SHAPE = dict(model__vocab_size=V, model__n_layers=5, model__mtp_heads=N)
