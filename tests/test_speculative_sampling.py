@@ -100,7 +100,8 @@ def simulate(T: np.ndarray, k: int, rng: np.random.Generator, residual: bool) ->
     """Blockwise speculative sampling on the Markov model in NumPy, as the decoder does it:
     drafts for positions L..L+k-2 from heads 2..k at the token of position L-2; accept with
     min(1, p/q); the first rejection is replaced by a draw from norm(max(0, p - q)) (from p
-    itself when `residual` is False: the bug the control plants); all accepted: a bonus token."""
+    itself when `residual` is False: the bug the control plants); all accepted: a bonus token.
+    k >= 2."""
     P, rows, start = T[0], np.arange(SAMPLES), len(PROMPT)
     seq = np.zeros((SAMPLES, start + LENGTH + k), np.int64)
     seq[:, :start] = PROMPT
@@ -108,10 +109,10 @@ def simulate(T: np.ndarray, k: int, rng: np.random.Generator, residual: bool) ->
     length = np.full(SAMPLES, start + 1)
     while length.min() < start + LENGTH:
         base, last = seq[rows, length - 2], seq[rows, length - 1]
-        drafts = np.stack([draw(T[i][base], rng) for i in range(1, k)], 1) if k > 1 else np.zeros((SAMPLES, 0), int)
+        drafts = np.stack([draw(T[i][base], rng) for i in range(1, k)], 1)
         fed = np.concatenate([last[:, None], drafts], 1)
         ok = np.stack([rng.random(SAMPLES) < P[fed[:, i], drafts[:, i]] / T[i + 1][base, drafts[:, i]]
-                       for i in range(k - 1)], 1) if k > 1 else np.zeros((SAMPLES, 0), bool)
+                       for i in range(k - 1)], 1)
         accepted = np.cumprod(ok, 1).sum(1)
         p = P[fed[rows, accepted]]
         q = np.stack([T[i + 1][base] for i in range(k - 1)] + [np.zeros((SAMPLES, V))], 1)[rows, accepted]
@@ -119,8 +120,8 @@ def simulate(T: np.ndarray, k: int, rng: np.random.Generator, residual: bool) ->
         use_res = residual & (res.sum(-1) > 0)
         corrected = draw(np.where(use_res[:, None], res, p), rng)
         for i in range(k):
-            write = (i <= accepted) & (length + i < seq.shape[1])
-            value = np.where(i < accepted, drafts[:, min(i, k - 2)] if k > 1 else 0, corrected)
+            write = i <= accepted
+            value = np.where(i < accepted, drafts[:, min(i, k - 2)], corrected)
             seq[rows[write], length[write] + i] = value[write]
         length = np.minimum(length + accepted + 1, start + LENGTH)  # finished rows idle at the end
     return seq[:, start : start + LENGTH]
