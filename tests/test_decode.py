@@ -154,6 +154,7 @@ def test_speculative_equals_greedy_alone(mtp, models, model):
     assert spec.completions() == naive_greedy(mtp, models[model], prompt, MAX_NEW)
 
 
+@pytest.mark.slow
 def test_speculative_equals_greedy_in_bf16(cfg, models):
     """bf16 compute: a verify pass over k positions and k one-token passes round differently,
     yet head 1's argmax must agree token for token (the partially trained model's logits have
@@ -284,6 +285,7 @@ def test_verify_keeps_the_target_distribution():
     assert tv(drafts_BJ[:, 0], p_KV[0]) > 0.1  # q is far from p: accepting every draft would fail
 
 
+@pytest.mark.slow
 def test_speculative_sampling_is_exact_and_reproducible(mtp, models):
     """Empirical joint of the first three sampled tokens vs the model's exact distribution; the
     same seed gives the same samples, another seed others."""
