@@ -3,10 +3,16 @@ hold several documents and padding (the cases where masks can go wrong)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
+
+# Test modules import each other's references (`from test_model import ref_block`) in every
+# pytest import mode, importlib included, which does not put this folder on sys.path itself.
+sys.path.insert(0, str(Path(__file__).parent))
 
 from mtp_jax.config import Config, load_config
 

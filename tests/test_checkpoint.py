@@ -193,6 +193,7 @@ for name, shard in [("flat", lambda a: NamedSharding(flat, P(*("x",)[: a.ndim]))
 """
 
 
+@pytest.mark.slow
 def test_restore_onto_other_sharding(tmp_path: Path) -> None:
     out, err = run_script(RESHARD, str(tmp_path), devices=8).communicate(timeout=120)
     assert out.split() == ["restored", "flat", "restored", "single"], err[-3000:]
@@ -210,6 +211,7 @@ print("finished", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_kill_during_async_save(tmp_path: Path) -> None:
     child = run_script(KILLED_MID_SAVE, str(tmp_path))
     try:
@@ -255,6 +257,7 @@ ckpt.close()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_fallback(tmp_path: Path) -> None:
     """Process 1 alone reads a damaged shard: both must fall back together, and only process 0 warns."""
     with socket.socket() as s:

@@ -13,6 +13,7 @@ import pytest
 from mtp_jax.config import ConfigError, load_config
 from mtp_jax.data import pipeline, prepare, sources
 from mtp_jax.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+from mtp_jax.model.heads import mask_for_head
 
 T, N, B = 16, 3, 4  # seq_len, mtp heads, global batch
 WORDS = "alpha beta gamma delta λ 数据 def return class import".split()
@@ -112,7 +113,7 @@ def test_packing_invariants_and_masks(tmp_path: Path, corpus: list[str]):
         assert (stream[ends] == tok.eot_id).all(), "each document ends with its own EOT"
         # the trainer's masks: head i at t only within one document, never onto padding
         for i in range(1, N + 1):
-            mask = (segs[:, :T] == segs[:, i : T + i]) & (segs[:, :T] != 0)
+            mask = np.asarray(mask_for_head(segs, i, T))
             np.testing.assert_array_equal(mask, (truth[:, :T] == truth[:, i : T + i]) & (truth[:, :T] >= 0) & (truth[:, i : T + i] >= 0))
 
 

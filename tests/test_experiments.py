@@ -2,12 +2,15 @@
 so an accidental change to a reproduction config fails here. Regenerate deliberately with
 MTP_UPDATE_GOLDEN=1 pytest tests/test_experiments.py."""
 
+import math
 import os
 from pathlib import Path
 
+import jax
 import pytest
 
 from mtp_jax.config import ConfigError, load_config, to_yaml
+from mtp_jax.model.transformer import MTP
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if not p.name.startswith("_"))
@@ -34,11 +37,17 @@ def test_every_golden_has_an_experiment() -> None:
 
 
 def test_paper_shapes_are_parameter_matched() -> None:
-    """n heads take n of the blocks: trunk + heads equals the paper's depth for every n."""
-    for size, depth in {"0.3b": 18, "0.6b": 27, "1.3b": 24, "3b": 36, "6.7b": 32, "13b": 40}.items():
+    """For every size, n = 1, 2 and 4 have the same number of parameters (counted from the
+    model's parameter tree): the n - 1 extra heads cost exactly the trunk blocks they replace."""
+    for size in ("0.3b", "0.6b", "1.3b", "3b", "6.7b", "13b"):
+        counts = {}
         for n in (1, 2, 4):
-            m = load_config(ROOT / "experiments" / "paper" / f"{size}_n{n}.yaml").model
-            assert (m.trunk_layers, m.mtp_heads, m.trunk_layers + m.mtp_heads) == (depth - n, n, depth)
+            cfg = load_config(ROOT / "experiments" / "paper" / f"{size}_n{n}.yaml").model
+            cfg.vocab_size = cfg.vocab_size or 32768
+            params = MTP(cfg).abstract_params()
+            assert params["heads"]["mlp"]["w_up"].shape[0] == n
+            counts[n] = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        assert len(set(counts.values())) == 1, (size, counts)
 
 
 def test_include_cycle_is_refused(tmp_path: Path) -> None:

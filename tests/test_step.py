@@ -137,6 +137,7 @@ def test_gradient_accumulation_matches_one_batch(single_device, step_batch) -> N
     assert_results_close(runs[2], runs[1], "micro_batches 2 vs 1")
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(tmp_path: Path, step_cfg, step_batch, single_device) -> None:
     """data 2 x fsdp 2 x tensor 2 on 8 fake CPU devices, micro_batches 1 and 2."""
     np.savez(tmp_path / "batch.npz", **step_batch)

@@ -21,10 +21,10 @@ TINY = [
 ]
 
 
-def mtp_train(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
+def mtp_train(run_dir: Path, *overrides: str, env_extra: dict | None = None, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mtp_jax.cli", "train", str(ROOT / "experiments" / "quickstart.yaml"),
            *TINY, f"train.run_dir={run_dir}", *overrides]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -53,6 +53,7 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_run_directory_and_final_table(reference: Path) -> None:
     for name in ("config.yaml", "versions.json", "tokenizer", "data_manifest.json", "metrics.jsonl", "eval.json"):
         assert (reference / name).exists(), name
@@ -67,24 +68,29 @@ def test_run_directory_and_final_table(reference: Path) -> None:
     assert len(losses(reference)) == 12
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bitwise_identical(reference: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "killed"
-    proc = mtp_train(run_dir, "train.steps=12", "train.checkpoint_every=4", "train.async_checkpoint=false")
+    """The run pauses right after saving step 4 (hook `pause_point("step", 4)`), is killed with -9
+    there, and resumes: no race between the kill and the end of the run."""
+    run_dir, marker = tmp_path / "killed", tmp_path / "paused"
+    args = ("train.steps=12", "train.checkpoint_every=4", "train.async_checkpoint=false")
+    proc = mtp_train(run_dir, *args, env_extra={"MTP_PAUSE_AT": "step:4", "MTP_PAUSE_FILE": str(marker)})
     deadline = time.time() + 240
-    while time.time() < deadline and not [s for s in checkpoint_steps(run_dir) if s >= 4]:
+    while time.time() < deadline and not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.2)
+    assert marker.read_text().strip() == "step:4"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    resumed_from = max(checkpoint_steps(run_dir))
-    assert 4 <= resumed_from < 12, f"kill came too late to test resuming (checkpoint {resumed_from})"
-    code, _, err = finish(mtp_train(run_dir, "train.steps=12", "train.checkpoint_every=4", "train.async_checkpoint=false"))
+    assert checkpoint_steps(run_dir) == [4]
+    code, _, err = finish(mtp_train(run_dir, *args))
     assert code == 0, err[-3000:]
-    assert f"resumed from step {resumed_from}" in err
+    assert "resumed from step 4" in err
     want, got = losses(reference), losses(run_dir)
-    after = [s for s in want if s > resumed_from]
-    assert after and all(got[s] == want[s] for s in after), {s: (got.get(s), want[s]) for s in after}
+    assert all(got[s] == want[s] for s in range(5, 13)), {s: (got.get(s), want[s]) for s in range(5, 13)}
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(tmp_path: Path) -> None:
     run_dir = tmp_path / "preempted"
     proc = mtp_train(run_dir, "train.steps=100000", "train.checkpoint_every=100000")
@@ -118,6 +124,7 @@ def test_bad_input_is_one_line(tmp_path: Path, overrides: list[str], message: st
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_non_utf8_input_is_counted(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -130,6 +137,7 @@ def test_non_utf8_input_is_counted(tmp_path: Path) -> None:
     assert "1 of 41 documents were not valid UTF-8" in err
 
 
+@pytest.mark.slow
 def test_mtp_eval_reproduces_the_final_evaluation(reference: Path) -> None:
     """mtp-eval restores the newest checkpoint on one device and recomputes the training run's table."""
     final = json.loads((reference / "eval.json").read_text())["details"]
