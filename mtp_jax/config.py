@@ -35,10 +35,12 @@ class ModelConfig:
     attn_heads: int = 4
     kv_heads: int = 0  # 0 = attn_heads (no grouping)
     head_dim: int = 0  # 0 = d_model // attn_heads
-    d_ff: int = 0  # 0 = SwiGLU default, 8/3 d_model rounded up to a multiple of 64
+    d_ff: int = 0  # 0 = SwiGLU default: 8/3 d_model rounded up to a multiple of ffn_multiple
+    ffn_multiple: int = 64  # 256 = Llama's rounding (11008 at d_model 4096)
     mtp_heads: int = 4  # n: head i predicts token t+i
     head_type: str = "transformer"  # transformer | linear
     rope_theta: float = 10000.0
+    rope_layout: str = "half"  # half (rotate halves of the head dim, Hugging Face) | interleaved (pairs, Meta)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
@@ -59,7 +61,7 @@ class ModelConfig:
 
     @property
     def d_ff_(self) -> int:
-        return self.d_ff or -(-int(8 * self.d_model / 3) // 64) * 64
+        return self.d_ff or -(-int(8 * self.d_model / 3) // self.ffn_multiple) * self.ffn_multiple
 
 
 @dataclasses.dataclass
@@ -161,6 +163,7 @@ class Config:
 _CHOICES = {
     "model.head_type": ("transformer", "linear"),
     "model.remat": ("none", "full", "dots"),
+    "model.rope_layout": ("half", "interleaved"),
     "model.dtype": ("auto", "float32", "bfloat16"),
     "data.source": ("stdlib", "files", "jsonl", "arrayrecord"),
     "data.tokenizer": ("bytes", "bpe"),
@@ -311,7 +314,7 @@ def validate(cfg: Config) -> None:
         f"model.n_layers={m.n_layers} leaves no trunk for model.mtp_heads={m.mtp_heads}; "
         f"set n_layers >= {m.n_layers - m.trunk_layers + 1} (transformer heads take mtp_heads of the n_layers blocks)",
     )
-    for name in ("d_model", "attn_heads"):
+    for name in ("d_model", "attn_heads", "ffn_multiple"):
         _check(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
     _check(
         m.head_dim > 0 or m.d_model % m.attn_heads == 0,
