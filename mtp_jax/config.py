@@ -85,7 +85,7 @@ class DataConfig:
     source: str = "stdlib"  # stdlib | files | jsonl | arrayrecord
     path: str = ""  # folder, glob, .jsonl file or ArrayRecord glob (unused for stdlib)
     text_field: str = "text"  # JSONL field holding the document
-    tokenizer: str = "bytes"  # bytes | bpe
+    tokenizer: str = "bytes"  # bytes | bpe | pretrained (a converted checkpoint's, in RUN_DIR/tokenizer/)
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.05
     max_bytes: int = 0  # cap on corpus bytes read (0 = all); keeps tiny runs fast
@@ -166,7 +166,7 @@ _CHOICES = {
     "model.rope_layout": ("half", "interleaved"),
     "model.dtype": ("auto", "float32", "bfloat16"),
     "data.source": ("stdlib", "files", "jsonl", "arrayrecord"),
-    "data.tokenizer": ("bytes", "bpe"),
+    "data.tokenizer": ("bytes", "bpe", "pretrained"),
     "train.step_impl": ("flat", "naive"),
 }
 
