@@ -20,6 +20,9 @@ from mtp_jax.errors import ConfigError
 __all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "validate"]
 
 
+BLOCK_HEADS = ("transformer", "causal", "anticausal")  # head kinds made of transformer blocks
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """Transformer shape. `n_layers` is the TOTAL depth, trunk plus head blocks (parameter matching).
@@ -38,7 +41,7 @@ class ModelConfig:
     d_ff: int = 0  # 0 = SwiGLU default: 8/3 d_model rounded up to a multiple of ffn_multiple
     ffn_multiple: int = 64  # 256 = Llama's rounding (11008 at d_model 4096)
     mtp_heads: int = 4  # n: head i predicts token t+i
-    head_type: str = "transformer"  # transformer | linear
+    head_type: str = "transformer"  # transformer | linear | causal | anticausal
     rope_theta: float = 10000.0
     rope_layout: str = "half"  # half (rotate halves of the head dim, Hugging Face) | interleaved (pairs, Meta)
     norm_eps: float = 1e-5
@@ -49,7 +52,7 @@ class ModelConfig:
 
     @property
     def trunk_layers(self) -> int:
-        return self.n_layers - (self.mtp_heads if self.head_type == "transformer" else 0)
+        return self.n_layers - (self.mtp_heads if self.head_type in BLOCK_HEADS else 0)
 
     @property
     def kv_heads_(self) -> int:
@@ -161,7 +164,7 @@ class Config:
 
 
 _CHOICES = {
-    "model.head_type": ("transformer", "linear"),
+    "model.head_type": ("transformer", "linear", "causal", "anticausal"),
     "model.remat": ("none", "full", "dots"),
     "model.rope_layout": ("half", "interleaved"),
     "model.dtype": ("auto", "float32", "bfloat16"),

@@ -108,14 +108,12 @@ def forward_step(
     """
     z_BTD, trunk_cache = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"])
 
-    def one_head(_, xs):
-        h_BTD, cache_i = mtp.head(xs[0], z_BTD, positions_BT, None, xs[1])
-        return None, (h_BTD, cache_i)
-
-    first = lambda tree: jax.tree.map(lambda x: x[:heads], tree)
-    _, (h_NBTD, head_cache) = jax.lax.scan(one_head, None, (first(params["heads"]), first(cache["heads"])))
+    run = mtp.cfg.mtp_heads if getattr(mtp.head_kind, "reverse", False) else heads  # anticausal: head 1 reads all
+    first = lambda tree: jax.tree.map(lambda x: x[:run], tree)
+    h_NBTD, head_cache = mtp.heads_hidden(first(params["heads"]), z_BTD, positions_BT, None, first(cache["heads"]))
     if head_cache is not None:
-        head_cache = jax.tree.map(lambda full, new: full.at[:heads].set(new), cache["heads"], head_cache)
+        head_cache = jax.tree.map(lambda full, new: full.at[:run].set(new), cache["heads"], head_cache)
+    h_NBTD = h_NBTD[:heads]
     return h_NBTD, {"trunk": trunk_cache, "heads": head_cache}
 
 
