@@ -100,6 +100,7 @@ def _uncached_greedy(mtp: MTP, params, prompts: list[list[int]], new: int) -> li
     return [r[len(p):] for r, p in zip(rows, prompts)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["causal", "anticausal"])
 def test_speculative_greedy_equals_greedy(kind):
     mtp = _mtp(kind)
