@@ -49,6 +49,14 @@ def test_conversion_reproduces_reference_logits(runs, name):
     np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
 
 
+def test_model_parallel_shards_join_to_the_same_parameters(runs, tmp_path):
+    convert(["from-meta", str(FIX / "meta_tiny_mp2"), str(tmp_path / "mp2")])
+    joined, single = _leaves(load_run(tmp_path / "mp2")[3]), _leaves(load_run(runs / "meta")[3])
+    assert joined.keys() == single.keys()
+    for key in single:
+        assert np.array_equal(joined[key], single[key]), key
+
+
 def test_converted_run_metadata(runs):
     cfg, tokenizer, _, _ = load_run(runs / "meta")
     assert (cfg.model.rope_layout, cfg.model.mtp_heads, cfg.model.n_layers, cfg.model.d_ff) == ("interleaved", 2, 4, 96)

@@ -45,6 +45,9 @@ class _MergedShards(Mapping):
             return parts[0]
         return np.concatenate(parts, axis=axis)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.shards[0]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.shards[0])
 
