@@ -135,6 +135,15 @@ class Checkpointer:
             )
         return None
 
+    def params_only(self) -> bool:
+        """True when the newest checkpoint holds parameters without optimizer state (mtp-convert's)."""
+        step = self._manager.latest_step()
+        if step is None:
+            return False
+        with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+            saved = _shapes(handler.metadata(self.directory / str(step) / "state"))
+        return not any(key.startswith("opt_state") for key in saved)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

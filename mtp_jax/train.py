@@ -89,13 +89,19 @@ def train(cfg: Config) -> dict:
     ckpt = Checkpointer(run_dir / "checkpoints", tcfg.keep_checkpoints, tcfg.checkpoint_every, tcfg.async_checkpoint)
     pidx, pcount = jax.process_index(), jax.process_count()
     data_iter = pipeline.make_train_iterator(cfg, tokenizer, run_dir, pidx, pcount)
-    restored = ckpt.restore(fns.abstract_state)
+    if ckpt.params_only():  # a converted checkpoint: fine-tune its weights with a fresh optimizer
+        weights = ckpt.restore({"params": fns.abstract_state["params"]}, partial=True)[1]["params"]
+        restored = (0, {**fns.init(jax.random.key(tcfg.seed)), "params": weights}, None)
+        log(f"fine-tuning the parameters in {run_dir / 'checkpoints'} with a fresh optimizer")
+    else:
+        restored = ckpt.restore(fns.abstract_state)
     if restored is None:
         state, start = fns.init(jax.random.key(tcfg.seed)), 0
     else:
         start, state, data_state = restored
-        data_iter.set_state(data_state)
-        log(f"resumed from step {start} in {run_dir / 'checkpoints'}")
+        if data_state is not None:
+            data_iter.set_state(data_state)
+            log(f"resumed from step {start} in {run_dir / 'checkpoints'}")
 
     writer = MetricsWriter(run_dir, primary, tcfg.tensorboard)
     lr = schedule(cfg.optim, tcfg.steps)

@@ -154,3 +154,24 @@ def test_unsupported_architecture_names_the_field(tmp_path, capsys, field, value
     config[field] = value
     (src / "config.json").write_text(json.dumps(config))
     assert f"config.json field {field}={value!r} is not supported" in _error(capsys, ["from-hf", str(src), str(tmp_path / "r")])
+
+
+@pytest.mark.slow
+def test_mtp_train_fine_tunes_a_converted_run(tmp_path):
+    """mtp-train on a converted run starts from its weights (fresh optimizer) and checkpoints on."""
+    from mtp_jax.config import load_config
+    from mtp_jax.train import train
+
+    run = tmp_path / "run"
+    convert(["from-meta", str(FIX / "meta_tiny"), str(run)])
+    before = _leaves(load_run(run)[3])
+    overrides = [f"train.run_dir={run}", "train.steps=4", "train.batch_size=2", "train.seq_len=32",
+                 "train.checkpoint_every=2", "train.eval_batches=1", "train.async_checkpoint=false",
+                 "train.tensorboard=false", "train.progress=false", "data.max_bytes=400000", "data.val_fraction=0.3",
+                 "optim.lr=1e-5", "optim.warmup_steps=0"]
+    result = train(load_config(run / "config.yaml", overrides))
+    assert np.isfinite(result["loss"])
+    cfg, _, _, params = load_run(run)
+    after = _leaves(params)
+    assert max(float(np.abs(after[k] - before[k]).max()) for k in before) < 1e-3  # lr 1e-5 x 4 steps
+    assert any(not np.array_equal(after[k], before[k]) for k in before)
