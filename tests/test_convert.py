@@ -83,6 +83,16 @@ def test_export_was_checked_in_transformers():
     assert result["max_abs_diff_head1"] < 1e-4 and result["tokenizer_ids_match_mtp_jax"]
 
 
+def test_dropping_the_side_file_gives_the_next_token_model(runs, tmp_path):
+    convert(["to-hf", str(runs / "meta"), str(tmp_path / "hf")])
+    (tmp_path / "hf" / "mtp_heads.safetensors").unlink()
+    convert(["from-hf", str(tmp_path / "hf"), str(tmp_path / "n1")])
+    ref = np.load(FIX / "meta_tiny" / "reference.npz")
+    logits = run_logits(str(tmp_path / "n1"), ref["tokens"])
+    assert logits.shape[0] == 1
+    np.testing.assert_allclose(logits[0], ref["logits"][0], atol=1e-4, rtol=0)
+
+
 def test_add_heads_copies_the_last_block(runs, tmp_path):
     convert(["from-hf", str(FIX / "hf_tiny"), str(tmp_path / "n3"), "--add-heads", "2"])
     cfg, _, _, params = load_run(tmp_path / "n3")
