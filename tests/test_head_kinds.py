@@ -68,7 +68,7 @@ def _reference_loss(mtp: MTP, params, batch, weights, reverse: bool) -> jax.Arra
 
 
 @pytest.mark.parametrize("kind, reverse", [("causal", False), ("anticausal", True)])
-@pytest.mark.parametrize("impl", ["flat", "naive"])
+@pytest.mark.parametrize("impl", ["flat", pytest.param("naive", marks=pytest.mark.slow)])
 def test_loss_and_grads_match_equations(kind, reverse, impl):
     mtp, batch = _mtp(kind), _batch()
     params = _params(mtp)
@@ -80,6 +80,7 @@ def test_loss_and_grads_match_equations(kind, reverse, impl):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_chaining_changes_the_heads():
     """Guards the test above against a kind that silently ignores its input chain."""
     batch, weights = _batch(), loss_weights(N)
