@@ -70,11 +70,14 @@ def _shapes(tree: Any) -> dict[str, tuple]:
     return {"/".join(map(name, path)): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
 
 
-def _first_difference(saved: Any, target: Any) -> str | None:
-    """Checked before reading, so a different model config is a clear error rather than Orbax's."""
+def _first_difference(saved: Any, target: Any, partial: bool = False) -> str | None:
+    """Checked before reading, so a different model config is a clear error rather than Orbax's.
+    `partial` reads a subtree (the parameters without the optimizer state): extra saved leaves are fine."""
     saved, target = _shapes(saved), _shapes(target)
     for key in sorted(saved.keys() | target.keys()):
         if key not in target:
+            if partial:
+                continue
             return f"{key} is in the checkpoint but not in the model"
         if key not in saved:
             return f"{key} is in the model but not in the checkpoint"
@@ -133,19 +136,20 @@ class Checkpointer:
             for path in self._unfinished():
                 path.rmtree()
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+    def restore(self, abstract_state: Any, step: int | None = None, partial: bool = False) -> tuple[int, Any, dict] | None:
         """(step, state, data_state) of `step` or the newest readable checkpoint; None if there is none.
 
         `abstract_state` holds jax.ShapeDtypeStructs with the current shardings, which is what lets a
-        checkpoint written on one mesh be read onto another.
+        checkpoint written on one mesh be read onto another. `partial` reads only the leaves it names
+        (evaluation and decoding read {"params": ...}: no optimizer state, a third of the memory).
         """
         steps = sorted(self._manager.all_steps(), reverse=True)
         if step is not None:
-            return self._restore_given(abstract_state, step, steps)
+            return self._restore_given(abstract_state, step, steps, partial)
         self._warn_unfinished(steps[0] if steps else None)
         broken: list[int] = []
         for i, candidate in enumerate(steps):
-            restored, reason = self._attempt(candidate, abstract_state)
+            restored, reason = self._attempt(candidate, abstract_state, partial)
             if restored is not None:
                 if not self.read_only:
                     self._set_aside(broken)
@@ -160,6 +164,15 @@ class Checkpointer:
             )
         return None
 
+    def params_only(self) -> bool:
+        """True when the newest checkpoint holds parameters without optimizer state (mtp-convert's)."""
+        step = self._manager.latest_step()
+        if step is None:
+            return False
+        with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+            saved = _shapes(handler.metadata(self.directory / str(step) / "state"))
+        return not any(key.startswith("opt_state") for key in saved)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
@@ -170,12 +183,12 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.close()
 
-    def _attempt(self, step: int, abstract_state: Any) -> tuple[tuple[int, Any, dict] | None, str]:
+    def _attempt(self, step: int, abstract_state: Any, partial: bool = False) -> tuple[tuple[int, Any, dict] | None, str]:
         """(restored, "") or (None, why it failed), the same on every process."""
         restored, reason = None, ""
         with _no_aborted_read_dumps():  # outside the `except`, so the error and its coroutines are gone by the gc
             try:
-                restored = self._restore_step(step, abstract_state)
+                restored = self._restore_step(step, abstract_state, partial)
             except ConfigError:
                 raise
             except Exception as error:  # noqa: BLE001 - any failure to read makes the step unusable
@@ -185,26 +198,32 @@ class Checkpointer:
             reason = f"the read failed on process {', '.join(map(str, failed))}"
         return (None, reason) if failed else (restored, "")
 
-    def _restore_step(self, step: int, abstract_state: Any) -> tuple[int, Any, dict]:
+    def _restore_step(self, step: int, abstract_state: Any, partial: bool) -> tuple[int, Any, dict]:
         """Reads with Orbax's item handlers, not manager.restore: that ends in a cross-process barrier which
         a process whose read failed would skip, so the processes' next collectives would not match."""
         path = self.directory / str(step)
         with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
-            difference = _first_difference(handler.metadata(path / "state"), abstract_state)
+            difference = _first_difference(handler.metadata(path / "state"), abstract_state, partial)
             if difference:
                 raise ConfigError(
                     f"checkpoint at {self.directory} step {step} does not match this model ({difference}); "
                     f"use a new train.run_dir or the same model config"
                 )
-            state = handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+            if not partial:
+                state = handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+        if partial:
+            with contextlib.closing(ocp.PyTreeCheckpointHandler()) as tree_handler:
+                restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+                state = tree_handler.restore(path / "state", args=ocp.args.PyTreeRestore(
+                    abstract_state, restore_args=restore_args, partial_restore=True))
         data = ocp.JsonCheckpointHandler().restore(path / "data", args=ocp.args.JsonRestore())
         return step, state, data
 
-    def _restore_given(self, abstract_state: Any, step: int, steps: list[int]) -> tuple[int, Any, dict]:
+    def _restore_given(self, abstract_state: Any, step: int, steps: list[int], partial: bool) -> tuple[int, Any, dict]:
         """An explicitly requested step: no fallback, since the caller asked for exactly this one."""
         if step not in steps:
             raise ConfigError(f"no checkpoint at step {step} in {self.directory}; available steps: {sorted(steps)}")
-        restored, reason = self._attempt(step, abstract_state)
+        restored, reason = self._attempt(step, abstract_state, partial)
         if restored is None:
             raise ConfigError(
                 f"checkpoint step {step} in {self.directory} is unreadable ({reason}); pick another of {sorted(steps)}"

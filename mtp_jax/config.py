@@ -20,6 +20,9 @@ from mtp_jax.errors import ConfigError
 __all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "validate"]
 
 
+BLOCK_HEADS = ("transformer", "causal", "anticausal")  # head kinds made of transformer blocks
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """Transformer shape. `n_layers` is the TOTAL depth, trunk plus head blocks (parameter matching).
@@ -35,10 +38,12 @@ class ModelConfig:
     attn_heads: int = 4
     kv_heads: int = 0  # 0 = attn_heads (no grouping)
     head_dim: int = 0  # 0 = d_model // attn_heads
-    d_ff: int = 0  # 0 = SwiGLU default, 8/3 d_model rounded up to a multiple of 64
+    d_ff: int = 0  # 0 = SwiGLU default: 8/3 d_model rounded up to a multiple of ffn_multiple
+    ffn_multiple: int = 64  # 256 = Llama's rounding (11008 at d_model 4096)
     mtp_heads: int = 4  # n: head i predicts token t+i
-    head_type: str = "transformer"  # transformer | linear
+    head_type: str = "transformer"  # transformer | linear | causal | anticausal
     rope_theta: float = 10000.0
+    rope_layout: str = "half"  # half (rotate halves of the head dim, Hugging Face) | interleaved (pairs, Meta)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
@@ -48,7 +53,7 @@ class ModelConfig:
 
     @property
     def trunk_layers(self) -> int:
-        return self.n_layers - (self.mtp_heads if self.head_type == "transformer" else 0)
+        return self.n_layers - (self.mtp_heads if self.head_type in BLOCK_HEADS else 0)
 
     @property
     def kv_heads_(self) -> int:
@@ -60,7 +65,7 @@ class ModelConfig:
 
     @property
     def d_ff_(self) -> int:
-        return self.d_ff or -(-int(8 * self.d_model / 3) // 64) * 64
+        return self.d_ff or -(-int(8 * self.d_model / 3) // self.ffn_multiple) * self.ffn_multiple
 
 
 @dataclasses.dataclass
@@ -84,7 +89,7 @@ class DataConfig:
     source: str = "stdlib"  # stdlib | files | jsonl | prepared (arrayrecord: refused, see below)
     path: str = ""  # folder, glob, .jsonl file, or mtp-prepare's OUT_DIR (unused for stdlib)
     text_field: str = "text"  # JSONL field holding the document
-    tokenizer: str = "bytes"  # bytes | bpe
+    tokenizer: str = "bytes"  # bytes | bpe | pretrained (a converted checkpoint's, in RUN_DIR/tokenizer/)
     bpe_vocab_size: int = 4096
     bpe_train_chars: int = 20_000_000  # BPE trains on at most this many characters, spread over the input
     val_fraction: float = 0.05
@@ -163,12 +168,13 @@ class Config:
 
 
 _CHOICES = {
-    "model.head_type": ("transformer", "linear"),
+    "model.head_type": ("transformer", "linear", "causal", "anticausal"),
     "model.remat": ("none", "full", "dots"),
+    "model.rope_layout": ("half", "interleaved"),
     "model.dtype": ("auto", "float32", "bfloat16"),
     "model.attention": ("auto", "xla", "blockwise", "cudnn", "splash"),
     "data.source": ("stdlib", "files", "jsonl", "prepared", "arrayrecord"),
-    "data.tokenizer": ("bytes", "bpe"),
+    "data.tokenizer": ("bytes", "bpe", "pretrained"),
     "train.step_impl": ("flat", "naive"),
 }
 
@@ -335,7 +341,7 @@ def validate(cfg: Config) -> None:
         f"model.n_layers={m.n_layers} leaves no trunk for model.mtp_heads={m.mtp_heads}; "
         f"set n_layers >= {m.n_layers - m.trunk_layers + 1} (transformer heads take mtp_heads of the n_layers blocks)",
     )
-    for name in ("d_model", "attn_heads"):
+    for name in ("d_model", "attn_heads", "ffn_multiple"):
         _check(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
     _check(
         m.head_dim > 0 or m.d_model % m.attn_heads == 0,

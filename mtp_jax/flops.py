@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtp_jax.config import ModelConfig
+from mtp_jax.config import BLOCK_HEADS, ModelConfig
 
 
 def block_matmul_params(cfg: ModelConfig) -> int:
@@ -34,7 +34,7 @@ def block_matmul_params(cfg: ModelConfig) -> int:
 
 def matmul_params(cfg: ModelConfig) -> dict[str, int]:
     """Matmul parameters by part; 'unembed' already counts the n applications."""
-    head = block_matmul_params(cfg) if cfg.head_type == "transformer" else cfg.d_model * cfg.d_model
+    head = block_matmul_params(cfg) if cfg.head_type in BLOCK_HEADS else cfg.d_model * cfg.d_model
     return {
         "trunk": cfg.trunk_layers * block_matmul_params(cfg),
         "heads": cfg.mtp_heads * head,
@@ -43,7 +43,7 @@ def matmul_params(cfg: ModelConfig) -> dict[str, int]:
 
 
 def attention_layers(cfg: ModelConfig) -> int:
-    return cfg.trunk_layers + (cfg.mtp_heads if cfg.head_type == "transformer" else 0)
+    return cfg.trunk_layers + (cfg.mtp_heads if cfg.head_type in BLOCK_HEADS else 0)
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

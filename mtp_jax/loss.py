@@ -10,7 +10,10 @@ gradient in the same pass and whose backward only scales it by the incoming cota
   ever live, never a (B, T, V) float32 tensor.
 - `heads_loss`: a lax.scan over the stacked head parameters that runs head i's forward AND
   backward (`jax.vjp`) in iteration i, accumulating the gradient at the trunk output, exactly
-  the paper's order of operations. Nothing is recomputed.
+  the paper's order of operations. Nothing is recomputed. Chained kinds (causal, anticausal),
+  where a head's gradient needs the heads after it, keep each head's (B, T, D) input instead and
+  back-propagate in a reverse scan (`_chained_fwd`): logits memory stays flat, hidden states
+  grow by one (B, T, D) per head, each head's forward runs twice.
 The `naive` path materialises every head's logits and uses plain autodiff (benchmarks, tests).
 """
 
@@ -22,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.heads import head_slice, mask_for_head, targets_for_head
+from mtp_jax.model.heads import mask_for_head, processing_order, targets_for_head
 from mtp_jax.model.transformer import MTP, Params
 
 Metrics = dict[str, jax.Array]
@@ -106,44 +109,97 @@ def head_counts(segments_BL: jax.Array, n: int) -> jax.Array:
     return jnp.stack([jnp.maximum(jnp.sum(mask_for_head(segments_BL, i + 1, t)), 1) for i in range(n)]).astype(jnp.float32)
 
 
-def _one_head_loss(mtp: MTP, chunk: int, hp: Params, shared: Params, z_BTD, tokens_BL, segments_BL, i, count):
-    """Head i (0-based) predicts tokens t + i + 1: (CE sum / count, top-1 hits / count)."""
+def _one_head(mtp: MTP, chunk: int, hp: Params, shared: Params, z_BTD, prev_BTD, tokens_BL, segments_BL, i, count):
+    """Head i (0-based) predicts tokens t + i + 1: ((CE sum / count, its hidden state), top-1 hits / count)."""
     b, t = z_BTD.shape[:2]
-    h_BTD, _ = mtp.head(hp, z_BTD, _positions(b, t), segments_BL[:, :t])
+    h_BTD, _ = mtp.head(hp, z_BTD, _positions(b, t), segments_BL[:, :t], None, prev_BTD)
     hn_BTD = mtp.final_norm(shared, h_BTD)
     mask_BT = mask_for_head(segments_BL, i + 1, t)
     loss, correct = chunked_xent(hn_BTD, shared["unembed"], targets_for_head(tokens_BL, i + 1, t), mask_BT, chunk)
-    return loss / count, correct / count
+    return (loss / count, h_BTD), correct / count
+
+
+def _order(mtp: MTP, n: int) -> jax.Array:
+    return jnp.asarray(processing_order(mtp.head_kind, n))
+
+
+def _permute(tree: Any, idx: jax.Array) -> Any:
+    return jax.tree.map(lambda x: x[idx], tree)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def heads_loss(mtp: MTP, chunk: int, heads: Params, shared: Params, z_BTD, tokens_BL, segments_BL, weights_N, counts_N):
-    """Forward-only path (evaluation): one head at a time, chunked cross-entropy."""
+    """Forward-only path (evaluation): one head at a time in processing order, chunked cross-entropy;
+    a chained kind's head gets the previous head's output (independent kinds ignore it)."""
+    order = _order(mtp, weights_N.shape[0])
 
-    def body(_, xs):
-        hp, i, count = xs
-        return None, _one_head_loss(mtp, chunk, hp, shared, z_BTD, tokens_BL, segments_BL, i, count)
+    def body(prev_BTD, xs):
+        hp, i = xs
+        (loss, h_BTD), acc = _one_head(mtp, chunk, hp, shared, z_BTD, prev_BTD, tokens_BL, segments_BL, i, counts_N[i])
+        return (h_BTD if mtp.head_kind.chained else prev_BTD), (loss, acc)
 
-    _, (losses, accs) = jax.lax.scan(body, None, (heads, jnp.arange(weights_N.shape[0]), counts_N))
+    _, (losses, accs) = jax.lax.scan(body, z_BTD, (_permute(heads, order), order))
+    losses, accs = _permute((losses, accs), jnp.argsort(order))
     return jnp.sum(weights_N * losses), {"loss": losses, "accuracy": accs}
 
 
+def _f32_zeros(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+
 def _heads_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights_N, counts_N):
-    f32 = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+    if mtp.head_kind.chained:
+        return _chained_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights_N, counts_N)
 
     def body(carry, xs):
         dz_BTD, dshared = carry
-        hp, i, w, count = xs
-        head = lambda hp_, sh_, z_: _one_head_loss(mtp, chunk, hp_, sh_, z_, tokens_BL, segments_BL, i, count)
-        loss, vjp, acc = jax.vjp(head, hp, shared, z_BTD, has_aux=True)
-        dhp, dsh, dz = vjp(w.astype(loss.dtype))
+        hp, i, w = xs
+        head = lambda hp_, sh_, z_: _one_head(mtp, chunk, hp_, sh_, z_, None, tokens_BL, segments_BL, i, counts_N[i])
+        (loss, h_BTD), vjp, acc = jax.vjp(head, hp, shared, z_BTD, has_aux=True)
+        dhp, dsh, dz = vjp((w.astype(loss.dtype), jnp.zeros_like(h_BTD)))
         dshared = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), dshared, dsh)
         return (dz_BTD + dz.astype(jnp.float32), dshared), (dhp, loss, acc)
 
     n = weights_N.shape[0]
     (dz_BTD, dshared), (dheads, losses, accs) = jax.lax.scan(
-        body, (f32(z_BTD), f32(shared)), (heads, jnp.arange(n), weights_N, counts_N)
+        body, (_f32_zeros(z_BTD), _f32_zeros(shared)), (heads, jnp.arange(n), weights_N)
     )
+    return _finish(weights_N, losses, accs, dheads, dshared, dz_BTD, shared, z_BTD)
+
+
+def _chained_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights_N, counts_N):
+    """Chained heads: a forward scan keeps each head's input (n x (B, T, D), no logits), then a
+    reverse scan recomputes head k from its input and back-propagates its loss together with the
+    cotangent its output received from the next head. Logits memory stays one chunk; the inputs
+    grow with n; each head's forward runs twice."""
+    order = _order(mtp, weights_N.shape[0])
+    heads_k = _permute(heads, order)
+
+    def forward(prev_BTD, hp):
+        h_BTD, _ = mtp.head(hp, z_BTD, _positions(*z_BTD.shape[:2]), segments_BL[:, : z_BTD.shape[1]], None, prev_BTD)
+        return h_BTD, prev_BTD
+
+    _, inputs_K = jax.lax.scan(forward, z_BTD, heads_k)
+
+    def backward(carry, xs):
+        dh_BTD, dz_BTD, dshared = carry
+        hp, prev_BTD, i, w = xs
+        head = lambda hp_, sh_, z_, prev_: _one_head(mtp, chunk, hp_, sh_, z_, prev_, tokens_BL, segments_BL, i,
+                                                      counts_N[i])
+        (loss, _), vjp, acc = jax.vjp(head, hp, shared, z_BTD, prev_BTD, has_aux=True)
+        dhp, dsh, dz, dprev = vjp((w.astype(loss.dtype), dh_BTD.astype(z_BTD.dtype)))
+        dshared = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), dshared, dsh)
+        return (dprev.astype(jnp.float32), dz_BTD + dz.astype(jnp.float32), dshared), (dhp, loss, acc)
+
+    init = (_f32_zeros(z_BTD), _f32_zeros(z_BTD), _f32_zeros(shared))
+    (dfirst, dz_BTD, dshared), outs = jax.lax.scan(
+        backward, init, (heads_k, inputs_K, order, weights_N[order]), reverse=True
+    )
+    dheads, losses, accs = _permute(outs, jnp.argsort(order))
+    return _finish(weights_N, losses, accs, dheads, dshared, dz_BTD + dfirst, shared, z_BTD)  # head 0 read z
+
+
+def _finish(weights_N, losses, accs, dheads, dshared, dz_BTD, shared, z_BTD):
     out = (jnp.sum(weights_N * losses), {"loss": losses, "accuracy": accs})
     dshared = jax.tree.map(lambda g, p: g.astype(p.dtype), dshared, shared)
     return out, (dheads, dshared, dz_BTD.astype(z_BTD.dtype))
@@ -162,8 +218,8 @@ def naive_heads_loss(mtp: MTP, heads: Params, shared: Params, z_BTD, tokens_BL, 
     """Every head's full (B, T, V) logits at once, plain autodiff: memory O(n x T x V)."""
     b, t = z_BTD.shape[:2]
     losses, accs = [], []
-    for i in range(weights_N.shape[0]):
-        h_BTD, _ = mtp.head(head_slice(heads, i), z_BTD, _positions(b, t), segments_BL[:, :t])
+    h_NBTD, _ = mtp.heads_hidden(heads, z_BTD, _positions(b, t), segments_BL[:, :t])
+    for i, h_BTD in enumerate(h_NBTD):
         logits_BTV = mtp.logits(shared, h_BTD)
         targets_BT, mask_BT = targets_for_head(tokens_BL, i + 1, t), mask_for_head(segments_BL, i + 1, t)
         logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), targets_BT[..., None], axis=-1)[..., 0]

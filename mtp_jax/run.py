@@ -148,7 +148,8 @@ def read_config(run_dir: str | Path) -> Config:
 
 
 def restore_run(run_dir: str | Path, step: int | None = None) -> Restored:
-    """Built objects, tokenizer, params and step of a run's newest (or given) checkpoint, on one local device."""
+    """Built objects, tokenizer, params and step of a run's newest (or given) checkpoint, on one local device.
+    Reads the parameters only (no optimizer state): what evaluation and decoding need."""
     from mtp_jax.checkpoint import Checkpointer
 
     run_dir = Path(run_dir)
@@ -158,7 +159,7 @@ def restore_run(run_dir: str | Path, step: int | None = None) -> Restored:
     built = build(cfg, jax.local_devices()[:1])
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, 1, async_save=False, read_only=True)
     try:
-        restored = ckpt.restore(built.fns.abstract_state, step=step)
+        restored = ckpt.restore({"params": built.fns.abstract_state["params"]}, step=step, partial=True)
     finally:
         ckpt.close()
     if restored is None:

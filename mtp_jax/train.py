@@ -143,7 +143,12 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
     built = build(cfg)
     fns, tcfg = built.fns, cfg.train
     pidx, pcount = jax.process_index(), jax.process_count()
-    restored = ckpt.restore(fns.abstract_state)  # checks the checkpoint's shapes against this model
+    if ckpt.params_only():  # a converted checkpoint: fine-tune its weights with a fresh optimizer
+        weights = ckpt.restore({"params": fns.abstract_state["params"]}, partial=True)[1]["params"]
+        restored = (0, {**fns.init(jax.random.key(tcfg.seed)), "params": weights}, None)
+        log(f"fine-tuning the parameters in {run_dir / 'checkpoints'} with a fresh optimizer")
+    else:
+        restored = ckpt.restore(fns.abstract_state)  # checks the checkpoint's shapes against this model
     with _unreadable_data():
         data_iter = pipeline.make_train_iterator(cfg, tokenizer, run_dir, pidx, pcount)
     if primary:
@@ -158,8 +163,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
         state, start = fns.init(jax.random.key(tcfg.seed)), 0
     else:
         start, state, data_state = restored
-        data_iter.set_state(data_state)
-        log(f"resumed from step {start} in {run_dir / 'checkpoints'}")
+        if data_state is not None:
+            data_iter.set_state(data_state)
+            log(f"resumed from step {start} in {run_dir / 'checkpoints'}")
 
     writer = MetricsWriter(run_dir, primary, tcfg.tensorboard)
     guard = DivergenceGuard(tcfg.max_skipped_steps)

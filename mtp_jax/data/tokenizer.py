@@ -1,4 +1,5 @@
-"""Tokenizers: raw UTF-8 bytes, or byte-level BPE trained locally (no downloads).
+"""Tokenizers: raw UTF-8 bytes, byte-level BPE trained locally (no downloads), or a pretrained
+model's own (SentencePiece `tokenizer.model`, Hugging Face `tokenizer.json`) brought in by mtp-convert.
 
 A run saves its tokenizer in `RUN_DIR/tokenizer/` so that evaluation and decoding turn ids back
 into exactly the text the model was trained on. `tokenizer.json` there names the kind.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
@@ -17,6 +19,7 @@ from mtp_jax.config import ConfigError, DataConfig
 
 META_FILE = "tokenizer.json"
 BPE_FILE = "bpe.json"
+SPM_FILE = "tokenizer.model"
 EOT_TEXT = "<|endoftext|>"
 BPE_TRAIN_CHARS = 20_000_000  # data.bpe_train_chars default: more text barely changes the merges but costs minutes
 
@@ -93,6 +96,62 @@ class BPETokenizer:
         path = _write_meta(directory, {"kind": "bpe", "name": self.name})
         self._tok.save(str(path / BPE_FILE))
 
+    def export_hf(self, directory: Path) -> None:
+        self._tok.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOT_TEXT}))
+
+
+class PretrainedTokenizer:
+    """A converted checkpoint's tokenizer file, kept byte for byte: SentencePiece's `tokenizer.model`
+    (Meta's Llama format) or Hugging Face's `tokenizer.json`. End of document is the model's EOS."""
+
+    name = "pretrained"
+
+    def __init__(self, path: str | Path, eos_token: str | None = None):
+        self.path = Path(path)
+        if self.path.suffix == ".model":
+            import sentencepiece
+
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+            self.vocab_size, self.eot_id = self._sp.get_piece_size(), self._sp.eos_id()
+            self._encode = lambda texts: self._sp.encode(list(texts))
+            self._decode = lambda ids: self._sp.decode(ids)
+        else:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            hf = HFTokenizer.from_file(str(self.path))
+            self.vocab_size, self.eot_id = hf.get_vocab_size(), hf.token_to_id(eos_token or "</s>")
+            if self.eot_id is None:
+                raise ConfigError(f"tokenizer '{self.path}' has no end-of-text token {eos_token or '</s>'!r}; "
+                                  "give its eos_token in tokenizer_config.json")
+            self._encode = lambda texts: [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=False)]
+            self._decode = lambda ids: hf.decode(ids, skip_special_tokens=True)
+        self.eos_token = eos_token
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._encode([text])[0])
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, np.int32) for ids in self._encode(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._decode([int(i) for i in ids if 0 <= i < self.vocab_size and i != self.eot_id])
+
+    def save(self, directory: str | Path) -> None:
+        # Not under its own name: a Hugging Face tokenizer.json would overwrite our META_FILE.
+        file = "pretrained" + self.path.suffix
+        path = _write_meta(directory, {"kind": "pretrained", "name": self.name, "file": file, "eos_token": self.eos_token})
+        if (path / file).resolve() != self.path.resolve():
+            shutil.copyfile(self.path, path / file)
+
+    def export_hf(self, directory: Path) -> None:
+        """The file under its Hugging Face name (tokenizer.model or tokenizer.json)."""
+        spm = self.path.suffix == ".model"
+        shutil.copyfile(self.path, directory / (SPM_FILE if spm else "tokenizer.json"))
+        config = {"tokenizer_class": "LlamaTokenizer", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"} \
+            if spm else {"eos_token": self.eos_token}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, max_chars: int = BPE_TRAIN_CHARS) -> BPETokenizer:
     """Trains byte-level BPE on the texts (at most max_chars of them, in order)."""
@@ -124,7 +183,7 @@ def capped(texts: Iterable[str], max_chars: int) -> Iterable[str]:
 
 def expected_name(data_cfg: DataConfig) -> str:
     """The tokenizer name a config asks for, to catch a run directory holding a different one."""
-    return "bytes" if data_cfg.tokenizer == "bytes" else f"bpe-{data_cfg.bpe_vocab_size}"
+    return data_cfg.tokenizer if data_cfg.tokenizer in ("bytes", "pretrained") else f"bpe-{data_cfg.bpe_vocab_size}"
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
@@ -140,4 +199,6 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         return BPETokenizer(HFTokenizer.from_file(str(path / BPE_FILE)), meta["name"])
-    raise ConfigError(f"'{meta_path}' names an unknown tokenizer kind {meta.get('kind')!r}; expected bytes or bpe")
+    if meta.get("kind") == "pretrained":
+        return PretrainedTokenizer(path / meta["file"], meta.get("eos_token"))
+    raise ConfigError(f"'{meta_path}' names an unknown tokenizer kind {meta.get('kind')!r}; expected bytes, bpe or pretrained")

@@ -47,18 +47,15 @@ def forward_step(
     mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.Array, positions_BT: jax.Array, heads: int
 ) -> tuple[jax.Array, Cache]:
     """Hidden states (heads, B, T, D) of heads 1..`heads` at every fed position, writing their
-    caches there: the full pass (plain decoding uses heads=1; chained kinds verify with it).
-    Heads are a lax.scan, so compile time does not grow with k.
+    caches there: the full pass (plain decoding uses heads=1; chained kinds verify with it, and an
+    anticausal kind runs every head, since head 1 reads the others). Heads are a lax.scan
+    (`MTP.heads_hidden`), so compile time does not grow with k.
     """
     z_BTD, trunk_cache = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"])
-
-    def one_head(_, xs):
-        h_BTD, cache_i = mtp.head(xs[0], z_BTD, positions_BT, None, xs[1])
-        return None, (h_BTD, cache_i)
-
-    first = lambda tree: _heads_slice(tree, 0, heads)
-    _, (h_NBTD, head_cache) = jax.lax.scan(one_head, None, (first(params["heads"]), first(cache["heads"])))
-    return h_NBTD, _set_heads({"trunk": trunk_cache, "heads": cache["heads"]}, 0, head_cache)
+    run = mtp.cfg.mtp_heads if getattr(mtp.head_kind, "reverse", False) else heads  # anticausal: head 1 reads all
+    first = lambda tree: _heads_slice(tree, 0, run)
+    h_NBTD, head_cache = mtp.heads_hidden(first(params["heads"]), z_BTD, positions_BT, None, first(cache["heads"]))
+    return h_NBTD[:heads], _set_heads({"trunk": trunk_cache, "heads": cache["heads"]}, 0, head_cache)
 
 
 def later_heads(mtp: MTP, params: Params, cache: Cache, z_BTD: jax.Array, positions_BT: jax.Array,

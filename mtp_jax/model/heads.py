@@ -99,7 +99,34 @@ class LinearHeads:
         return cache
 
 
-HEAD_KINDS: dict[str, Callable[[ModelConfig], HeadKind]] = {"transformer": TransformerHeads, "linear": LinearHeads}
+class ChainedHeads(TransformerHeads):
+    """The paper's causal ablation (head i is a block on top of head i-1's output, head 1 on z) and,
+    with `reverse`, the anticausal one (the farthest head reads z, head i reads head i+1's output).
+    `prev_BTD` is the output of the head processed before this one (z itself, or None, for the first)."""
+
+    chained = True
+    reverse = False
+
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None):
+        x_BTD = z_BTD if prev_BTD is None else prev_BTD
+        return nnx.merge(self.block_def, params_i)(x_BTD, positions_BT, segments_BT, cache, tree_mask_BTS)
+
+    def write_cache(self, params_i, z_BTD, positions_BT, cache):
+        raise ValueError("chained heads have no reduced verify pass: their cache entries need the previous head's output")
+
+
+class AnticausalHeads(ChainedHeads):
+    reverse = True
+
+
+HEAD_KINDS: dict[str, Callable[[ModelConfig], HeadKind]] = {
+    "transformer": TransformerHeads, "linear": LinearHeads, "causal": ChainedHeads, "anticausal": AnticausalHeads,
+}
+
+
+def processing_order(kind: HeadKind, n: int) -> list[int]:
+    """The order heads run in: chained kinds feed each head's output to the next one processed."""
+    return list(range(n))[::-1] if getattr(kind, "reverse", False) else list(range(n))
 
 
 def head_slice(heads_params: dict, i: int | jax.Array) -> dict:

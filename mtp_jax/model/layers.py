@@ -35,14 +35,22 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...]).astype(x_BTD.dtype)
 
 
-def rope(x_BTHE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding on the two halves of the head dim (Llama/NeoX layout)."""
+def rope(x_BTHE: jax.Array, positions_BT: jax.Array, theta: float, layout: str = "half") -> jax.Array:
+    """Rotary embedding. Pair j (frequency theta^(-2j/E)) is dims (j, j + E/2) in the "half" layout
+    (Hugging Face Llama, NeoX) and dims (2j, 2j + 1) in the "interleaved" layout (Meta's Llama code),
+    so Meta checkpoints run unpermuted."""
     half = x_BTHE.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_BT1E = (positions_BT[..., None].astype(jnp.float32) * freq)[:, :, None, :]
     sin, cos = jnp.sin(angle_BT1E), jnp.cos(angle_BT1E)
-    x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHE.dtype)
+    x = x_BTHE.astype(jnp.float32)
+    if layout == "interleaved":
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
+    else:
+        x1, x2 = jnp.split(x, 2, axis=-1)
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHE.dtype)
 
 
 class KVCache(NamedTuple):
@@ -72,13 +80,13 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (d, k, e), ("embed", "kv_heads", None), std)
         self.wv = param(rngs, (d, k, e), ("embed", "kv_heads", None), std)
         self.wo = param(rngs, (h, e, d), ("q_heads", None, "embed"), std / (2 * cfg.n_layers) ** 0.5)
-        self.theta = cfg.rope_theta
+        self.theta, self.rope_layout = cfg.rope_theta, cfg.rope_layout
         self.impl = cfg.attention
 
     def keys_values(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Rotated keys and values (B, T, K, E) of these (normed) inputs."""
         dt = x_BTD.dtype
-        k = rope(jnp.einsum("btd,dke->btke", x_BTD, self.wk[...].astype(dt)), positions_BT, self.theta)
+        k = rope(jnp.einsum("btd,dke->btke", x_BTD, self.wk[...].astype(dt)), positions_BT, self.theta, self.rope_layout)
         return k, jnp.einsum("btd,dke->btke", x_BTD, self.wv[...].astype(dt))
 
     def __call__(
@@ -90,7 +98,7 @@ class Attention(nnx.Module):
         tree_mask_BTS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         dt = x_BTD.dtype
-        q = rope(jnp.einsum("btd,dhe->bthe", x_BTD, self.wq[...].astype(dt)), positions_BT, self.theta)
+        q = rope(jnp.einsum("btd,dhe->bthe", x_BTD, self.wq[...].astype(dt)), positions_BT, self.theta, self.rope_layout)
         k, v = self.keys_values(x_BTD, positions_BT)
         q = constrain(q, ("batch", None, "q_heads", None))
         if cache is None:

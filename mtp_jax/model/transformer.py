@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtp_jax.config import ModelConfig
-from mtp_jax.model.heads import HEAD_KINDS, head_slice, stacked
+from mtp_jax.model.heads import HEAD_KINDS, processing_order, stacked
 from mtp_jax.model.layers import Block, KVCache, RMSNorm, param
 from mtp_jax.sharding import constrain
 
@@ -116,9 +116,33 @@ class MTP:
         positions_BT: jax.Array,
         segments_BT: jax.Array | None = None,
         cache: KVCache | None = None,
+        prev_BTD: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """One head's hidden state, from that head's (unstacked) parameters."""
-        return self.head_kind.apply(head_params, z_BTD, positions_BT, segments_BT, cache)
+        """One head's hidden state, from that head's (unstacked) parameters (and, for chained kinds,
+        the output of the head processed before it)."""
+        return self.head_kind.apply(head_params, z_BTD, positions_BT, segments_BT, cache, prev_BTD)
+
+    def heads_hidden(
+        self,
+        heads_params: Params,
+        z_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segments_BT: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Every head's hidden state (N, B, T, D) in head order, and their caches: a lax.scan in the
+        kind's processing order that hands chained kinds the previous head's output."""
+        order = jnp.asarray(processing_order(self.head_kind, jax.tree.leaves(heads_params)[0].shape[0]))
+        permute = lambda tree, idx: jax.tree.map(lambda x: x[idx], tree)
+        chained = self.head_kind.chained
+
+        def body(prev_BTD, xs):
+            h_BTD, c = self.head(xs[0], z_BTD, positions_BT, segments_BT, xs[1], prev_BTD if chained else None)
+            return (h_BTD if chained else prev_BTD), (h_BTD, c)
+
+        _, (h_NBTD, cache) = jax.lax.scan(body, z_BTD, (permute(heads_params, order), permute(cache, order)))
+        back = jnp.argsort(order)
+        return permute(h_NBTD, back), permute(cache, back)
 
     def shared(self, params: Params) -> Params:
         """The parameters every head shares: the final norm and the unembedding (D, V)."""
@@ -141,8 +165,8 @@ class MTP:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         z_BTD, _ = self.trunk(params, tokens_BT, positions_BT, segments_BT)
         shared = self.shared(params)
-        h = [self.head(head_slice(params["heads"], i), z_BTD, positions_BT, segments_BT)[0] for i in range(self.cfg.mtp_heads)]
-        return jnp.stack([self.logits(shared, h_BTD) for h_BTD in h])
+        h_NBTD, _ = self.heads_hidden(params["heads"], z_BTD, positions_BT, segments_BT)
+        return jnp.stack([self.logits(shared, h_BTD) for h_BTD in h_NBTD])
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict[str, KVCache | None]:
         """Zeroed KV caches for the trunk blocks and (transformer) heads, stacked on their leading axis."""

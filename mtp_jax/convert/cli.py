@@ -1,0 +1,287 @@
+"""`mtp-convert`: Meta / Hugging Face Llama checkpoints into run directories, and runs back out.
+
+  mtp-convert from-meta SRC_DIR RUN_DIR      consolidated.*.pth + params.json + tokenizer.model
+  mtp-convert from-hf SRC_DIR RUN_DIR [--add-heads N]   safetensors + config.json + tokenizer
+  mtp-convert to-hf RUN_DIR OUT_DIR          trunk + head 1 as LlamaForCausalLM, heads 2..n beside it
+
+A converted run directory is an ordinary one (config.yaml, tokenizer/, checkpoints/) whose
+checkpoint holds parameters only; mtp-eval and mtp-generate read it like any trained run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from mtp_jax.config import Config, ModelConfig, validate
+from mtp_jax.convert import llama
+from mtp_jax.convert.safetensors_io import read_safetensors, read_safetensors_dir, write_safetensors
+from mtp_jax.convert.torch_zip import load_torch_file
+from mtp_jax.data.tokenizer import SPM_FILE, PretrainedTokenizer
+from mtp_jax.errors import ArgParser, UserError, guarded
+
+SIDE_FILE = "mtp_heads.safetensors"
+# Model-parallel shards of Meta checkpoints: column-parallel weights split rows, row-parallel split columns.
+_SHARD_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+class _MergedShards(Mapping):
+    """Meta's consolidated.NN.pth shards seen as one state dict; a tensor is joined only when read."""
+
+    def __init__(self, shards: list[dict[str, np.ndarray]]):
+        self.shards = shards
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        parts = [s[name] for s in self.shards]
+        axis = _SHARD_AXIS.get(name.split(".")[-2])
+        if len(parts) == 1 or axis is None:
+            return parts[0]
+        return np.concatenate(parts, axis=axis)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.shards[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shards[0])
+
+    def __len__(self) -> int:
+        return len(self.shards[0])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shapes = [s[name].shape for s in self.shards]
+        axis = _SHARD_AXIS.get(name.split(".")[-2])
+        if len(shapes) == 1 or axis is None:
+            return tuple(shapes[0])
+        return tuple(sum(s[axis] for s in shapes) if a == axis else n for a, n in enumerate(shapes[0]))
+
+
+@dataclasses.dataclass
+class _ShapeOnly:
+    shape: tuple[int, ...]
+
+
+def _shape_view(merged: _MergedShards) -> dict:
+    """What `check_tensors` reads (name -> .shape) without joining shards."""
+    return {name: _ShapeOnly(merged.shape(name)) for name in merged}
+
+
+# --- Meta ------------------------------------------------------------------------------------------
+def meta_model_config(params: dict, vocab_rows: int) -> ModelConfig:
+    """Our model config from Meta's params.json (n_layers counts trunk plus every head block)."""
+    where = "params.json"
+    dim = int(llama.field(params, "dim", where))
+    n = int(llama.field(params, "n_future_tokens", where, 1))
+    vocab = int(llama.field(params, "vocab_size", where, -1))
+    if vocab not in (-1, vocab_rows):
+        raise UserError(f"params.json vocab_size={vocab} disagrees with tok_embeddings.weight's {vocab_rows} rows")
+    d_ff = llama.meta_ffn_width(dim, int(llama.field(params, "multiple_of", where, 256)),
+                                params.get("ffn_dim_multiplier"))
+    n_heads = int(llama.field(params, "n_heads", where))
+    return ModelConfig(
+        vocab_size=vocab_rows, d_model=dim, n_layers=int(llama.field(params, "n_layers", where)),
+        attn_heads=n_heads, kv_heads=int(params.get("n_kv_heads") or n_heads), head_dim=dim // n_heads,
+        d_ff=d_ff, mtp_heads=n, rope_theta=float(params.get("rope_theta", 10000.0)), rope_layout="interleaved",
+        norm_eps=float(llama.field(params, "norm_eps", where, 1e-5)), dtype="float32",
+    )
+
+
+def from_meta(src: Path, run_dir: Path, tokenizer_path: Path | None) -> ModelConfig:
+    shards = sorted(src.glob("consolidated.*.pth"))
+    if not shards or not (src / "params.json").is_file():
+        raise UserError(f"'{src}' needs params.json and consolidated.*.pth (Meta's Llama format)")
+    params_json = json.loads((src / "params.json").read_text())
+    tensors = _MergedShards([load_torch_file(p) for p in shards])
+    if "tok_embeddings.weight" not in tensors:
+        raise UserError(f"checkpoint {src} lacks tensor 'tok_embeddings.weight'; is it a Llama-format state dict?")
+    cfg = meta_model_config(params_json, tensors.shape("tok_embeddings.weight")[0])
+    validate(Config(model=cfg))
+    prefixes = llama.block_prefixes(cfg, llama.META)
+    implied = (f"params.json (dim={cfg.d_model}, n_layers={cfg.n_layers}, n_heads={cfg.attn_heads}, "
+               f"n_kv_heads={cfg.kv_heads_}, n_future_tokens={cfg.mtp_heads}, FFN width {cfg.d_ff})")
+    llama.check_tensors(_shape_view(tensors), llama.expected(cfg, llama.META, prefixes), str(src), implied)
+    tok = tokenizer_path or next((p for p in (src / SPM_FILE, src.parent / SPM_FILE) if p.is_file()), None)
+    if tok is None:
+        raise UserError(f"no {SPM_FILE} in '{src}' or its parent; pass --tokenizer PATH")
+    write_run(run_dir, cfg, llama.import_params(tensors, cfg, llama.META, prefixes), PretrainedTokenizer(tok))
+    return cfg
+
+
+# --- Hugging Face -----------------------------------------------------------------------------------
+def _hf_supported(hf: dict) -> None:
+    where = "config.json"
+    llama.field(hf, "model_type", where, check=lambda v: v == "llama")
+    for key, ok in (("hidden_act", "silu"), ("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, ok) != ok:
+            raise UserError(f"config.json field {key}={hf[key]!r} is not supported by mtp-convert (needs {ok!r})")
+    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise UserError(f"config.json field rope_parameters.rope_type={rope_type!r} is not supported by mtp-convert (needs 'default')")
+
+
+def _rope_theta(hf: dict) -> float:
+    """transformers >= 5 writes rope_parameters.rope_theta; earlier versions a top-level rope_theta."""
+    return float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def hf_model_config(hf: dict, heads: int) -> ModelConfig:
+    _hf_supported(hf)
+    where = "config.json"
+    d, n_heads = int(llama.field(hf, "hidden_size", where)), int(llama.field(hf, "num_attention_heads", where))
+    return ModelConfig(
+        vocab_size=int(llama.field(hf, "vocab_size", where)), d_model=d,
+        n_layers=int(llama.field(hf, "num_hidden_layers", where)) - 1 + heads, attn_heads=n_heads,
+        kv_heads=int(hf.get("num_key_value_heads") or n_heads), head_dim=int(hf.get("head_dim") or d // n_heads),
+        d_ff=int(llama.field(hf, "intermediate_size", where)), mtp_heads=heads,
+        rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype="float32",
+    )
+
+
+def _hf_tokenizer(src: Path) -> PretrainedTokenizer:
+    if (src / "tokenizer.json").is_file():
+        eos = None
+        if (src / "tokenizer_config.json").is_file():
+            eos = json.loads((src / "tokenizer_config.json").read_text()).get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+        return PretrainedTokenizer(src / "tokenizer.json", eos)
+    if (src / SPM_FILE).is_file():
+        return PretrainedTokenizer(src / SPM_FILE)
+    raise UserError(f"'{src}' holds no tokenizer.json or {SPM_FILE}")
+
+
+def from_hf(src: Path, run_dir: Path, add_heads: int) -> ModelConfig:
+    if not (src / "config.json").is_file():
+        raise UserError(f"'{src}' has no config.json; point at a Hugging Face Llama model folder")
+    tensors = dict(read_safetensors_dir(src))
+    side = read_safetensors(src / SIDE_FILE) if (src / SIDE_FILE).is_file() else {}
+    meta = _side_metadata(src / SIDE_FILE)
+    extra = int(meta.get("n_future_tokens", 1)) - 1
+    cfg = hf_model_config(json.loads((src / "config.json").read_text()), 1 + extra + add_heads)
+    validate(Config(model=cfg))
+    main = llama.block_prefixes(dataclasses.replace(cfg, mtp_heads=1, n_layers=cfg.n_layers - extra - add_heads), llama.HF)
+    implied = (f"config.json (hidden_size={cfg.d_model}, num_hidden_layers={len(main)}, "
+               f"num_attention_heads={cfg.attn_heads}, intermediate_size={cfg.d_ff}, vocab_size={cfg.vocab_size})")
+    llama.check_tensors(tensors, llama.expected(cfg, llama.HF, main), str(src), implied)
+    side_prefixes = [f"extra_heads.{j}." for j in range(extra)]
+    llama.check_tensors(side, llama.expected(cfg, llama.HF, side_prefixes, top=False), str(src / SIDE_FILE),
+                        f"its n_future_tokens={extra + 1}")
+    layout = meta.get("rope_layout", "half")
+    cfg = dataclasses.replace(cfg, rope_layout=layout)
+    permute = np.argsort(llama.half_permutation(cfg.head_dim_)) if layout == "interleaved" else None
+    prefixes = main + side_prefixes + [main[-1]] * add_heads  # new heads start as copies of head 1
+    write_run(run_dir, cfg, llama.import_params({**tensors, **side}, cfg, llama.HF, prefixes, permute), _hf_tokenizer(src))
+    return cfg
+
+
+def _side_metadata(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return dict(f.metadata() or {})
+
+
+def to_hf(run_dir: Path, out: Path) -> ModelConfig:
+    from mtp_jax.run import load_run
+
+    config, tokenizer, _, params = load_run(run_dir)
+    cfg = config.model
+    if cfg.head_type != "transformer":
+        raise UserError(f"model.head_type={cfg.head_type!r}: only transformer heads map onto Llama blocks")
+    params = {k: _numpy_tree(v) for k, v in params.items()}
+    permute = llama.half_permutation(cfg.head_dim_) if cfg.rope_layout == "interleaved" else None
+    main = llama.block_prefixes(dataclasses.replace(cfg, mtp_heads=1, n_layers=cfg.trunk_layers + 1), llama.HF)
+    heads = {k: {kk: vv[:1] for kk, vv in v.items()} for k, v in params["heads"].items()}
+    extra = {k: {kk: vv[1:] for kk, vv in v.items()} for k, v in params["heads"].items()}
+    tensors = llama.export_top(params, cfg, llama.HF)
+    tensors.update(llama.export_blocks(params["trunk"], cfg, main[:-1], llama.HF, permute))
+    tensors.update(llama.export_blocks(heads, cfg, main[-1:], llama.HF, permute))
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})
+    side = llama.export_blocks(extra, cfg, [f"extra_heads.{j}." for j in range(cfg.mtp_heads - 1)], llama.HF, permute)
+    write_safetensors(out / SIDE_FILE, side, {"n_future_tokens": str(cfg.mtp_heads), "rope_layout": cfg.rope_layout})
+    (out / "config.json").write_text(json.dumps(_hf_config(cfg, len(main), tokenizer), indent=2))
+    _export_tokenizer(tokenizer, out)
+    return cfg
+
+
+def _numpy_tree(tree: dict) -> dict:
+    return {k: _numpy_tree(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
+
+
+def _hf_config(cfg: ModelConfig, layers: int, tokenizer: object) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff_, "num_hidden_layers": layers, "num_attention_heads": cfg.attn_heads,
+        "num_key_value_heads": cfg.kv_heads_, "head_dim": cfg.head_dim_, "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None, "hidden_act": "silu",
+        "max_position_embeddings": 4096, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+        "mlp_bias": False, "torch_dtype": "float32", "eos_token_id": int(getattr(tokenizer, "eot_id", 0)),
+    }
+
+
+def _export_tokenizer(tokenizer: object, out: Path) -> None:
+    """Pretrained and BPE tokenizers have a Hugging Face form; raw bytes have none."""
+    if hasattr(tokenizer, "export_hf"):
+        tokenizer.export_hf(out)
+    else:
+        print(f"warning: tokenizer '{tokenizer.name}' has no Hugging Face form; {out} has weights only", file=sys.stderr)
+
+
+# --- run directory ----------------------------------------------------------------------------------
+def write_run(run_dir: Path, model_cfg: ModelConfig, params: dict, tokenizer: PretrainedTokenizer) -> None:
+    """config.yaml, versions.json, tokenizer/ and a step-0 checkpoint holding the parameters only."""
+    from mtp_jax.checkpoint import Checkpointer
+    from mtp_jax.run import write_run_files
+
+    if (run_dir / "checkpoints").exists():
+        raise UserError(f"'{run_dir}' already holds checkpoints; convert into a new directory")
+    cfg = Config(model=model_cfg)
+    cfg.data.tokenizer = "pretrained"
+    cfg.train.run_dir = str(run_dir)
+    validate(cfg)
+    write_run_files(run_dir, cfg)
+    tokenizer.save(run_dir / "tokenizer")
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=1, save_every=1, async_save=False)
+    try:
+        ckpt.save(0, {"params": params}, {}, force=True)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+
+
+@guarded
+def main(argv: list[str]) -> int:
+    parser = ArgParser(prog="mtp-convert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    meta = sub.add_parser("from-meta", help="Meta Llama / multi-token .pth checkpoint -> run directory")
+    meta.add_argument("src", type=Path)
+    meta.add_argument("run_dir", type=Path)
+    meta.add_argument("--tokenizer", type=Path, default=None, help=f"{SPM_FILE} if not in SRC or its parent")
+    hf = sub.add_parser("from-hf", help="Hugging Face Llama safetensors -> run directory")
+    hf.add_argument("src", type=Path)
+    hf.add_argument("run_dir", type=Path)
+    hf.add_argument("--add-heads", type=int, default=0, help="extra heads initialised from the last block")
+    out = sub.add_parser("to-hf", help="run directory -> Hugging Face Llama folder (+ extra heads side file)")
+    out.add_argument("run_dir", type=Path)
+    out.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "from-meta":
+        cfg = from_meta(args.src, args.run_dir, args.tokenizer)
+    elif args.command == "from-hf":
+        if args.add_heads < 0:
+            raise UserError(f"--add-heads={args.add_heads} must be >= 0")
+        cfg = from_hf(args.src, args.run_dir, args.add_heads)
+    else:
+        cfg = to_hf(args.run_dir, args.out_dir)
+    print(f"{args.command}: {cfg.n_layers} blocks, n = {cfg.mtp_heads} heads, d_model {cfg.d_model}, "
+          f"vocab {cfg.vocab_size} -> {getattr(args, 'out_dir', None) or args.run_dir}")
+    return 0

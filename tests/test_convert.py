@@ -1,0 +1,187 @@
+"""mtp-convert against fixtures made by independent code (tests/fixtures/make_llama_fixtures.py, run
+with torch + transformers outside this environment): Meta's complex-rotation Llama 2 model and
+Hugging Face's LlamaForCausalLM. No torch here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mtp_jax.convert.cli import main as convert
+from mtp_jax.convert.check_logits import run_logits
+from mtp_jax.convert.safetensors_io import read_safetensors, write_safetensors
+from mtp_jax.convert.torch_zip import load_torch_file
+from mtp_jax.run import load_run
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("convert")
+    convert(["from-meta", str(FIX / "meta_tiny"), str(root / "meta")])
+    convert(["from-hf", str(FIX / "hf_tiny"), str(root / "hf")])
+    return root
+
+
+def _leaves(params) -> dict:
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_torch_reader_honours_strides_offsets_and_dtypes():
+    tensors, want = load_torch_file(FIX / "odd_tensors.pth"), np.load(FIX / "odd_tensors.npz")
+    assert sorted(tensors) == sorted(want.files)
+    for name in want.files:
+        np.testing.assert_array_equal(tensors[name].astype(np.float32), want[name])
+    assert tensors["half"].dtype == np.float16
+
+
+@pytest.mark.parametrize("name", ["meta", "hf"])
+def test_conversion_reproduces_reference_logits(runs, name):
+    ref = np.load(FIX / f"{name}_tiny" / "reference.npz")
+    logits = run_logits(str(runs / name), ref["tokens"])
+    assert logits.shape == ref["logits"].shape  # meta: both heads (n = 2)
+    np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
+
+
+def test_model_parallel_shards_join_to_the_same_parameters(runs, tmp_path):
+    convert(["from-meta", str(FIX / "meta_tiny_mp2"), str(tmp_path / "mp2")])
+    joined, single = _leaves(load_run(tmp_path / "mp2")[3]), _leaves(load_run(runs / "meta")[3])
+    assert joined.keys() == single.keys()
+    for key in single:
+        assert np.array_equal(joined[key], single[key]), key
+
+
+def test_converted_run_metadata(runs):
+    cfg, tokenizer, _, _ = load_run(runs / "meta")
+    assert (cfg.model.rope_layout, cfg.model.mtp_heads, cfg.model.n_layers, cfg.model.d_ff) == ("interleaved", 2, 4, 96)
+    assert tokenizer.vocab_size == 256 and tokenizer.eot_id == 2
+    text = "def f(x):\n    return x\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+@pytest.mark.parametrize("name", ["meta", "hf"])
+def test_round_trip_through_hugging_face_is_bitwise(runs, tmp_path, name):
+    convert(["to-hf", str(runs / name), str(tmp_path / "hf")])
+    convert(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")])
+    (cfg_a, _, _, a), (cfg_b, _, _, b) = load_run(runs / name), load_run(tmp_path / "back")
+    assert cfg_a.model == cfg_b.model
+    la, lb = _leaves(a), _leaves(b)
+    assert la.keys() == lb.keys()
+    for key in la:
+        assert la[key].dtype == lb[key].dtype and np.array_equal(la[key], lb[key]), key
+
+
+def test_export_was_checked_in_transformers():
+    """The committed result of tests/fixtures/check_hf_export.py (transformers loaded our to-hf output)."""
+    result = json.loads((FIX / "hf_export_check.json").read_text())
+    assert result["max_abs_diff_head1"] < 1e-4 and result["tokenizer_ids_match_mtp_jax"]
+
+
+def test_dropping_the_side_file_gives_the_next_token_model(runs, tmp_path):
+    convert(["to-hf", str(runs / "meta"), str(tmp_path / "hf")])
+    (tmp_path / "hf" / "mtp_heads.safetensors").unlink()
+    convert(["from-hf", str(tmp_path / "hf"), str(tmp_path / "n1")])
+    ref = np.load(FIX / "meta_tiny" / "reference.npz")
+    logits = run_logits(str(tmp_path / "n1"), ref["tokens"])
+    assert logits.shape[0] == 1
+    np.testing.assert_allclose(logits[0], ref["logits"][0], atol=1e-4, rtol=0)
+
+
+def test_add_heads_copies_the_last_block(runs, tmp_path):
+    convert(["from-hf", str(FIX / "hf_tiny"), str(tmp_path / "n3"), "--add-heads", "2"])
+    cfg, _, _, params = load_run(tmp_path / "n3")
+    assert (cfg.model.mtp_heads, cfg.model.n_layers) == (3, 5)
+    for leaf in jax.tree.leaves(params["heads"]):
+        assert np.array_equal(leaf[1], leaf[0]) and np.array_equal(leaf[2], leaf[0])
+    ref = np.load(FIX / "hf_tiny" / "reference.npz")
+    np.testing.assert_allclose(run_logits(str(tmp_path / "n3"), ref["tokens"])[0], ref["logits"][0], atol=1e-4)
+
+
+def _copy(src: str, tmp_path: Path) -> Path:
+    dst = tmp_path / src
+    shutil.copytree(FIX / src, dst)
+    return dst
+
+
+def _hf_with(tmp_path: Path, edit) -> Path:
+    src = _copy("hf_tiny", tmp_path)
+    tensors = {k: np.asarray(v) for k, v in read_safetensors(src / "model.safetensors").items()}
+    edit(tensors)
+    write_safetensors(src / "model.safetensors", tensors)
+    return src
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        convert(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_missing_tensor_is_named(tmp_path, capsys):
+    src = _hf_with(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    assert "lacks tensor 'model.layers.1.mlp.up_proj.weight'" in _error(capsys, ["from-hf", str(src), str(tmp_path / "r")])
+
+
+def test_unexpected_tensor_is_named(tmp_path, capsys):
+    src = _hf_with(tmp_path, lambda t: t.update({"model.layers.3.mlp.up_proj.weight": np.zeros((80, 32), np.float32)}))
+    assert "unexpected tensor 'model.layers.3.mlp.up_proj.weight'" in _error(capsys, ["from-hf", str(src), str(tmp_path / "r")])
+
+
+def test_wrong_shape_is_named(tmp_path, capsys):
+    src = _hf_with(tmp_path, lambda t: t.update({"model.norm.weight": np.ones(31, np.float32)}))
+    line = _error(capsys, ["from-hf", str(src), str(tmp_path / "r")])
+    assert "tensor 'model.norm.weight'" in line and "(31,)" in line and "(32,)" in line
+
+
+@pytest.mark.parametrize("field, value, expect", [
+    ("n_future_tokens", 3, "lacks tensor 'extra_heads.1.attention."),
+    ("dim", 64, "tensor 'tok_embeddings.weight'"),
+    ("multiple_of", 64, "tensor 'layers.0.feed_forward.w1.weight' in"),
+    ("vocab_size", 300, "params.json vocab_size=300 disagrees"),
+])
+def test_params_json_disagreeing_with_tensors(tmp_path, capsys, field, value, expect):
+    src = _copy("meta_tiny", tmp_path)
+    params = json.loads((src / "params.json").read_text())
+    params[field] = value
+    (src / "params.json").write_text(json.dumps(params))
+    line = _error(capsys, ["from-meta", str(src), str(tmp_path / "r")])
+    assert expect in line, line
+
+
+@pytest.mark.parametrize("field, value", [("model_type", "gpt2"), ("hidden_act", "gelu"), ("attention_bias", True)])
+def test_unsupported_architecture_names_the_field(tmp_path, capsys, field, value):
+    src = _copy("hf_tiny", tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    config[field] = value
+    (src / "config.json").write_text(json.dumps(config))
+    assert f"config.json field {field}={value!r} is not supported" in _error(capsys, ["from-hf", str(src), str(tmp_path / "r")])
+
+
+@pytest.mark.slow
+def test_mtp_train_fine_tunes_a_converted_run(tmp_path):
+    """mtp-train on a converted run starts from its weights (fresh optimizer) and checkpoints on."""
+    from mtp_jax.config import load_config
+    from mtp_jax.train import train
+
+    run = tmp_path / "run"
+    convert(["from-meta", str(FIX / "meta_tiny"), str(run)])
+    before = _leaves(load_run(run)[3])
+    overrides = [f"train.run_dir={run}", "train.steps=4", "train.batch_size=2", "train.seq_len=32",
+                 "train.checkpoint_every=2", "train.eval_batches=1", "train.async_checkpoint=false",
+                 "train.tensorboard=false", "train.progress=false", "data.max_bytes=400000", "data.val_fraction=0.3",
+                 "optim.lr=1e-5", "optim.warmup_steps=0"]
+    result = train(load_config(run / "config.yaml", overrides))
+    assert np.isfinite(result["loss"])
+    cfg, _, _, params = load_run(run)
+    after = _leaves(params)
+    assert max(float(np.abs(after[k] - before[k]).max()) for k in before) < 1e-3  # lr 1e-5 x 4 steps
+    assert any(not np.array_equal(after[k], before[k]) for k in before)
