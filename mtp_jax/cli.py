@@ -26,10 +26,11 @@ def eval_main(argv: list[str]) -> int:
     ap = ArgParser(prog="mtp-eval", description="Held-out loss, perplexity, bits/byte, top-1 per head.")
     ap.add_argument("run_dir")
     ap.add_argument("--batches", type=int, default=0, help="evaluation batches (0 = train.eval_batches of the run)")
+    ap.add_argument("--task", default="heldout", help="heldout (default), induction or polynomial")
     args = ap.parse_args(argv)
-    from mtp_jax.evals.cli import evaluate_run
+    from mtp_jax.evals.cli import evaluate_run, run_task
 
-    result = evaluate_run(args.run_dir, args.batches or None)
+    result = run_task(args.run_dir, args.task) if args.task != "heldout" else evaluate_run(args.run_dir, args.batches or None)
     print(json.dumps(result))
     return 0
 

@@ -80,7 +80,7 @@ class OptimConfig:
 class DataConfig:
     """Where text comes from and how it becomes windows of seq_len + mtp_heads tokens."""
 
-    source: str = "stdlib"  # stdlib | files | jsonl | arrayrecord
+    source: str = "stdlib"  # stdlib | files | jsonl | arrayrecord | induction | polynomial (generated, tasks/)
     path: str = ""  # folder, glob, .jsonl file or ArrayRecord glob (unused for stdlib)
     text_field: str = "text"  # JSONL field holding the document
     tokenizer: str = "bytes"  # bytes | bpe
@@ -89,6 +89,12 @@ class DataConfig:
     max_bytes: int = 0  # cap on corpus bytes read (0 = all); keeps tiny runs fast
     shuffle_seed: int = 0
     worker_count: int = 0  # Grain worker processes (0 = in-process)
+    # Generated task sources (induction, polynomial): see mtp_jax/tasks/.
+    task_train_examples: int = 20000  # training documents generated from task_seed
+    task_test_examples: int = 200  # held-out test stories (induction) or expressions per m (polynomial)
+    task_seed: int = 0  # seeds the training documents; test sets are fixed, disjoint from training
+    task_train_ops: int = 5  # polynomial: training m uniform in 1..task_train_ops (in-domain)
+    task_test_ops: int = 10  # polynomial: test m = 1..task_test_ops (out-of-domain above train_ops)
 
 
 @dataclasses.dataclass
@@ -162,7 +168,7 @@ _CHOICES = {
     "model.head_type": ("transformer", "linear"),
     "model.remat": ("none", "full", "dots"),
     "model.dtype": ("auto", "float32", "bfloat16"),
-    "data.source": ("stdlib", "files", "jsonl", "arrayrecord"),
+    "data.source": ("stdlib", "files", "jsonl", "arrayrecord", "induction", "polynomial"),
     "data.tokenizer": ("bytes", "bpe"),
     "train.step_impl": ("flat", "naive"),
 }
@@ -348,7 +354,7 @@ def validate(cfg: Config) -> None:
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     _check(
-        cfg.data.source == "stdlib" or cfg.data.path.strip() != "",
+        cfg.data.source in ("stdlib", "induction", "polynomial") or cfg.data.path.strip() != "",
         f"data.path is empty but data.source={cfg.data.source!r} needs it; set data.path=/path/to/data",
     )
     for rule in cfg.mesh.rules:

@@ -90,6 +90,10 @@ def _decode(data: bytes, complete: bool) -> tuple[str, bool]:
 
 def read_corpus(cfg: DataConfig) -> Corpus:
     """Documents of a text source in sorted order, the total capped at max_bytes (the last one cut)."""
+    if cfg.source in ("induction", "polynomial"):  # generated task data (mtp_jax/tasks/)
+        from mtp_jax.tasks.corpus import generated_corpus
+
+        return generated_corpus(cfg)
     budget = cfg.max_bytes if cfg.max_bytes > 0 else float("inf")
     documents = []
     for name, size, read in _raw_documents(cfg):
