@@ -80,12 +80,20 @@ def _summary(point: Point) -> str:
     return ", ".join(parts)
 
 
-def run_local(experiment: Experiment, out=sys.stdout) -> int:
-    """Runs every unfinished point; returns the number of failed points."""
+def parse_shard(shard: str) -> tuple[int, int]:
+    i, _, k = shard.partition("/")
+    if not (i.isdigit() and k.isdigit() and 0 <= int(i) < int(k)):
+        raise UserError(f"--shard {shard!r} must be I/K with 0 <= I < K, e.g. 0/2 and 1/2 for two processes")
+    return int(i), int(k)
+
+
+def run_local(experiment: Experiment, out=sys.stdout, shard: str = "0/1") -> int:
+    """Runs every unfinished point (of this shard); returns the number of failed points."""
+    index, count = parse_shard(shard)
     claim_results_dir(experiment)
     failed = 0
     total = len(experiment.points)
-    for point in experiment.points:
+    for point in experiment.points[index::count]:
         head = f"[{point.index + 1}/{total}] {point.name}:"
         if status(experiment, point) == "done":
             print(f"{head} finished earlier, skipped", file=out, flush=True)
