@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from mtp_jax.errors import UserError
 from mtp_jax.sweep.experiment import Experiment, Point
@@ -87,8 +88,9 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return int(i), int(k)
 
 
-def run_local(experiment: Experiment, out=sys.stdout, shard: str = "0/1") -> int:
+def run_local(experiment: Experiment, out: TextIO | None = None, shard: str = "0/1") -> int:
     """Runs every unfinished point (of this shard); returns the number of failed points."""
+    out = out or sys.stdout
     index, count = parse_shard(shard)
     claim_results_dir(experiment)
     failed = 0
