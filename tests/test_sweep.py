@@ -176,3 +176,25 @@ def test_tiny_grid_resumes_skips_finished_points_and_reports(tmp_path: Path, cap
 
     again = evaluate_run_task(first.overrides["train.run_dir"], "polynomial")
     assert again["metrics"] == latest_results(first.overrides["train.run_dir"])["polynomial"]["metrics"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").rglob("sweep*.yaml")), ids=lambda p: p.parent.name)
+def test_shipped_sweeps_load(path: Path) -> None:
+    exp = load_experiment(path)
+    assert len({p.name for p in exp.points}) == len(exp.points) >= 8
+
+
+def test_paper_scaling_grid_is_the_paper_configs() -> None:
+    """Every point of the cluster grid trains what experiments/paper/<size>_n<n>.yaml pins (Table S13)."""
+    from mtp_jax.config import load_config
+
+    exp = load_experiment(ROOT / "experiments" / "paper" / "sweep_scaling.yaml")
+    assert len(exp.points) == 18
+    for point in exp.points:
+        size, n = point.labels["size"], point.labels["model.mtp_heads"]
+        got, want = exp.config(point), load_config(ROOT / "experiments" / "paper" / f"{size}_n{n}.yaml")
+        assert (got.model, got.optim, got.data) == (want.model, want.optim, want.data)
+        assert (got.train.steps, got.train.batch_size, got.train.seq_len) == (want.train.steps, want.train.batch_size, want.train.seq_len)
+    steps = {p.labels["size"]: (exp.config(p).train.steps, exp.config(p).optim.warmup_steps) for p in exp.points}
+    assert steps == {"0.3b": (10850, 1000), "0.6b": (10850, 1000), "1.3b": (10850, 1000), "3b": (10850, 1000),
+                     "6.7b": (25000, 2000), "13b": (25000, 1000)}
