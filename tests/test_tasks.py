@@ -78,13 +78,19 @@ def test_polynomial_matches_numpy_reference_on_random_expressions() -> None:
 ])
 def test_hand_worked_cases(text: str, answer: str) -> None:
     assert "".join(str(c) for c in ref_eval(text)) == answer
-    # the module's own arithmetic on the same case
-    as_poly = lambda s: tuple(int(c) for c in s)
-    if text.startswith("(") and text[6] in "+*o" and text.count("(") == 1 and "-" not in text[1:6]:
-        a, op, b = text[1:6], text[6], text[7:-1]
-        b_val = polynomial.neg(as_poly(b[1:])) if b.startswith("-") else as_poly(b)
-        fn = {"+": polynomial.add, "*": polynomial.mul, "o": polynomial.compose}[op]
-        assert polynomial.fmt(fn(as_poly(a), b_val)) == answer
+
+
+def test_module_arithmetic_by_hand() -> None:
+    """The same cases through the module's own functions (a o b = a(b(X)))."""
+    x, three_plus_x = (0, 1, 0, 0, 0), (3, 1, 0, 0, 0)
+    assert polynomial.compose(three_plus_x, polynomial.neg(x)) == (3, 6, 0, 0, 0)
+    assert polynomial.compose(polynomial.neg(x), three_plus_x) == (4, 6, 0, 0, 0)
+    assert polynomial.compose((0, 0, 1, 0, 0), (1, 1, 0, 0, 0)) == (1, 2, 1, 0, 0)
+    assert polynomial.compose((1, 1, 0, 0, 0), (0, 0, 1, 0, 0)) == (1, 0, 1, 0, 0)
+    assert polynomial.compose((0, 0, 0, 1, 0), (0, 1, 1, 0, 0)) == (0, 0, 0, 1, 3)
+    assert polynomial.mul((0, 0, 0, 0, 1), x) == (0, 0, 0, 0, 0)
+    assert polynomial.add((6, 0, 0, 0, 0), (2, 0, 0, 0, 0)) == (1, 0, 0, 0, 0)
+    assert polynomial.fmt((3, 1, 0, 2, 4)) == "31024"
 
 
 def test_polynomial_format_is_pinned() -> None:
