@@ -61,9 +61,11 @@ def run_point(experiment: Experiment, point: Point) -> tuple[int, float]:
     run_dir = Path(point.overrides["train.run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    # Points of the same shape (e.g. seeds) compile the same programs: share JAX's persistent cache.
+    env = {"JAX_COMPILATION_CACHE_DIR": str(experiment.results_dir / "jax_cache"), **os.environ}
     start = time.monotonic()
     with open(run_dir / LOG_FILE, "a") as log:
-        code = subprocess.call([*train_command(), str(experiment.base), *point.args()], stdout=log, stderr=log)
+        code = subprocess.call([*train_command(), str(experiment.base), *point.args()], stdout=log, stderr=log, env=env)
     if code != 0:
         (run_dir / FAILED_FILE).write_text(json.dumps({"returncode": code, "log": str(run_dir / LOG_FILE)}))
     return code, time.monotonic() - start
