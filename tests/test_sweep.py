@@ -91,6 +91,21 @@ def test_failed_points_are_rows_and_the_sweep_goes_on(tmp_path: Path, monkeypatc
     assert [(r["point"], r["status"]) for r in rows] == [("mtp_heads-1", "failed"), ("mtp_heads-2", "failed")]
 
 
+def test_a_point_trained_by_another_sweep_process_is_left_alone(tmp_path: Path, monkeypatch, capsys) -> None:
+    import fcntl
+
+    monkeypatch.setenv("MTP_TRAIN_CMD", "false")
+    exp = load_experiment(write_experiment(tmp_path, {"model.mtp_heads": [1, 2]}))
+    run_dir = Path(exp.points[0].overrides["train.run_dir"])
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".sweep.lock", "w") as held:  # another process holds point 1
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run_local(exp) == 1
+    out = capsys.readouterr().out
+    assert "[1/2] mtp_heads-1: being trained by another sweep process, skipped" in out
+    assert "[2/2] mtp_heads-2: FAILED" in out and not (run_dir / "train.log").exists()
+
+
 def _executable(path: Path, text: str) -> Path:
     path.write_text(text)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)

@@ -11,7 +11,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("experiment", help="experiment file, e.g. experiments/induction/sweep.yaml")
     ap.add_argument("--emit", choices=("slurm", "gke"), help="write cluster jobs through launch/ instead of running here")
     ap.add_argument("--dry-run", action="store_true", help="print what would run or be submitted; train nothing")
-    ap.add_argument("--shard", default="0/1", help="I/K: run only points whose index is I mod K (K processes share a grid)")
     ap.add_argument("--report", action="store_true", help="collect every point's results into results.csv and plots")
     args = ap.parse_args(argv)
     from mtp_jax.sweep.experiment import load_experiment
@@ -34,4 +33,4 @@ def main(argv: list[str]) -> int:
         return 0
     from mtp_jax.sweep.local import run_local
 
-    return 1 if run_local(experiment, shard=args.shard) else 0
+    return 1 if run_local(experiment) else 0

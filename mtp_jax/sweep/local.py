@@ -8,6 +8,7 @@ memory, its own compile cache), so a failed point is recorded and the sweep goes
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
 from mtp_jax.errors import UserError
 from mtp_jax.sweep.experiment import Experiment, Point
@@ -23,6 +24,7 @@ from mtp_jax.sweep.experiment import Experiment, Point
 OWNER_FILE = "sweep.json"  # which experiment a results directory belongs to
 FAILED_FILE = "sweep_failed.json"
 LOG_FILE = "train.log"
+LOCK_FILE = ".sweep.lock"
 
 
 def claim_results_dir(experiment: Experiment) -> None:
@@ -56,10 +58,23 @@ def train_command() -> list[str]:
     return shlex.split(os.environ.get("MTP_TRAIN_CMD", "")) or [sys.executable, "-m", "mtp_jax.cli", "train"]
 
 
+def try_lock(point: Point) -> IO | None:
+    """An exclusive lock on the point's run directory, or None if another sweep process trains it
+    (the lock dies with its process, so a killed sweep never leaves a point locked)."""
+    run_dir = Path(point.overrides["train.run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 def run_point(experiment: Experiment, point: Point) -> tuple[int, float]:
     """(exit status, seconds) of training one point; its output goes to RUN_DIR/train.log."""
     run_dir = Path(point.overrides["train.run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED_FILE).unlink(missing_ok=True)
     # Points of the same shape (e.g. seeds) compile the same programs: share JAX's persistent cache.
     env = {"JAX_COMPILATION_CACHE_DIR": str(experiment.results_dir / "jax_cache"), **os.environ}
@@ -83,32 +98,32 @@ def _summary(point: Point) -> str:
     return ", ".join(parts)
 
 
-def parse_shard(shard: str) -> tuple[int, int]:
-    i, _, k = shard.partition("/")
-    if not (i.isdigit() and k.isdigit() and 0 <= int(i) < int(k)):
-        raise UserError(f"--shard {shard!r} must be I/K with 0 <= I < K, e.g. 0/2 and 1/2 for two processes")
-    return int(i), int(k)
-
-
-def run_local(experiment: Experiment, out: TextIO | None = None, shard: str = "0/1") -> int:
-    """Runs every unfinished point (of this shard); returns the number of failed points."""
+def run_local(experiment: Experiment, out: TextIO | None = None) -> int:
+    """Runs every unfinished point not being trained by another sweep process (several may share
+    a grid); returns the number of failed points."""
     out = out or sys.stdout
-    index, count = parse_shard(shard)
     claim_results_dir(experiment)
-    failed = 0
+    failed = busy = 0
     total = len(experiment.points)
-    for point in experiment.points[index::count]:
+    for point in experiment.points:
         head = f"[{point.index + 1}/{total}] {point.name}:"
         if status(experiment, point) == "done":
             print(f"{head} finished earlier, skipped", file=out, flush=True)
             continue
+        lock = try_lock(point)
+        if lock is None:
+            print(f"{head} being trained by another sweep process, skipped", file=out, flush=True)
+            busy += 1
+            continue
         print(f"{head} training ...", file=out, flush=True)
-        code, seconds = run_point(experiment, point)
+        with lock:
+            code, seconds = run_point(experiment, point)
         if code == 0 and status(experiment, point) == "done":
             print(f"{head} done in {seconds:.0f} s; {_summary(point)}", file=out, flush=True)
         else:
             failed += 1
             log = Path(point.overrides["train.run_dir"]) / LOG_FILE
             print(f"{head} FAILED (exit {code}) after {seconds:.0f} s; see {log}", file=out, flush=True)
-    print(f"sweep {experiment.name}: {total - failed} of {total} points finished, {failed} failed", file=out, flush=True)
+    print(f"sweep {experiment.name}: {total - failed - busy} of {total} points finished, {failed} failed, "
+          f"{busy} trained by other processes", file=out, flush=True)
     return failed
