@@ -243,7 +243,9 @@ def test_prepare_arrayrecord_matches_direct_files_source(tmp_path: Path, corpus:
             np.testing.assert_array_equal(got[key], want[key])
     first = next(pipeline.make_train_iterator(shards, tok, tmp_path / "run_ar"))
     np.testing.assert_array_equal(first["tokens"], next(pipeline.make_train_iterator(direct, tok, tmp_path / "run_files"))["tokens"])
-    assert prepare.main([str(yaml), str(out)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        prepare.main([str(yaml), str(out)])
+    assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("error: OUT_DIR")
 
 
