@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,24 @@ def test_a_point_trained_by_another_sweep_process_is_left_alone(tmp_path: Path, 
     out = capsys.readouterr().out
     assert "[1/2] mtp_heads-1: being trained by another sweep process, skipped" in out
     assert "[2/2] mtp_heads-2: FAILED" in out and not (run_dir / "train.log").exists()
+
+
+def test_sigterm_reaches_the_training_run_and_stops_the_sweep(tmp_path: Path) -> None:
+    """A preempted sweep driver passes SIGTERM to mtp-train (which checkpoints) and starts nothing more."""
+    stand_in = _executable(tmp_path / "train.py", f"#!{sys.executable}\nimport signal, sys, time\n"
+                           f"signal.signal(signal.SIGTERM, lambda *_: (open({str(tmp_path / 'got')!r}, 'w').write('TERM'), sys.exit(0)))\n"
+                           f"open({str(tmp_path / 'started')!r}, 'w').close()\ntime.sleep(60)\n")
+    exp = write_experiment(tmp_path, {"model.mtp_heads": [1, 2]})
+    sweep = subprocess.Popen([sys.executable, "-m", "mtp_jax.sweep.cli", str(exp)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "MTP_TRAIN_CMD": str(stand_in)})
+    for _ in range(600):
+        if (tmp_path / "started").exists():
+            break
+        time.sleep(0.1)
+    sweep.terminate()
+    out, _ = sweep.communicate(timeout=60)
+    assert (tmp_path / "got").read_text() == "TERM"
+    assert "stopped by SIGTERM" in out and "[2/2]" not in out
 
 
 def _executable(path: Path, text: str) -> Path:

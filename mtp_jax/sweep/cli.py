@@ -34,3 +34,7 @@ def main(argv: list[str]) -> int:
     from mtp_jax.sweep.local import run_local
 
     return 1 if run_local(experiment) else 0
+
+
+if __name__ == "__main__":  # python -m mtp_jax.sweep.cli EXPERIMENT ...
+    raise SystemExit(main())

@@ -12,8 +12,10 @@ import fcntl
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, TextIO
@@ -25,6 +27,7 @@ OWNER_FILE = "sweep.json"  # which experiment a results directory belongs to
 FAILED_FILE = "sweep_failed.json"
 LOG_FILE = "train.log"
 LOCK_FILE = ".sweep.lock"
+STOP = threading.Event()  # set by SIGTERM: the current point is checkpointed, no further point starts
 
 
 def claim_results_dir(experiment: Experiment) -> None:
@@ -80,7 +83,13 @@ def run_point(experiment: Experiment, point: Point) -> tuple[int, float]:
     env = {"JAX_COMPILATION_CACHE_DIR": str(experiment.results_dir / "jax_cache"), **os.environ}
     start = time.monotonic()
     with open(run_dir / LOG_FILE, "a") as log:
-        code = subprocess.call([*train_command(), str(experiment.base), *point.args()], stdout=log, stderr=log, env=env)
+        child = subprocess.Popen([*train_command(), str(experiment.base), *point.args()], stdout=log, stderr=log, env=env)
+        # SIGTERM (a preempted sweep driver) goes on to mtp-train, which saves a checkpoint and exits.
+        previous = signal.signal(signal.SIGTERM, lambda *_: (STOP.set(), child.send_signal(signal.SIGTERM)))
+        try:
+            code = child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     if code != 0:
         (run_dir / FAILED_FILE).write_text(json.dumps({"returncode": code, "log": str(run_dir / LOG_FILE)}))
     return code, time.monotonic() - start
@@ -118,6 +127,9 @@ def run_local(experiment: Experiment, out: TextIO | None = None) -> int:
         print(f"{head} training ...", file=out, flush=True)
         with lock:
             code, seconds = run_point(experiment, point)
+        if STOP.is_set():
+            print(f"{head} stopped by SIGTERM after {seconds:.0f} s; run the sweep again to resume", file=out, flush=True)
+            return failed
         if code == 0 and status(experiment, point) == "done":
             print(f"{head} done in {seconds:.0f} s; {_summary(point)}", file=out, flush=True)
         else:
