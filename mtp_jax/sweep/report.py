@@ -2,7 +2,7 @@
 
 One row per point: point name, status (done / failed / pending), the grid's config keys,
 parameters and non-embedding parameters, tokens seen, and every metric of every task's newest
-result (`<task>/<metric>`). Plots (PNG and SVG, RESULTS_DIR/plots/): held-out loss per head and
+result (`<task>/<metric>`), the headline columns as results.md. Plots (PNG and SVG, RESULTS_DIR/plots/): held-out loss per head and
 each task's headline metrics against non-embedding parameters, one line per n; polynomial
 accuracy against m; task metrics against training steps. Points that differ only in what is not
 the size or n (the seeds) are averaged, with their standard deviation as error bars.
@@ -68,6 +68,16 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
+    """The headline columns as a Markdown table (what a README shows)."""
+    columns = ["point", "status", "mtp_heads", "non_embedding_params", "tokens_seen", "heldout/loss/head_1"]
+    columns += [f"{task}/{m}" for task, metrics in HEADLINE.items() for m in metrics if any(f"{task}/{m}" in r for r in rows)]
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def _groups(rows: list[dict[str, Any]], metric: str) -> dict[tuple[int, int], list[float]]:
     """(n, non-embedding params) -> the metric's values (one per seed)."""
     out: dict[tuple[int, int], list[float]] = defaultdict(list)
@@ -79,6 +89,11 @@ def _groups(rows: list[dict[str, Any]], metric: str) -> dict[tuple[int, int], li
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:  # nothing finished yet: no lines, no legend
+        ax.legend(fontsize=8)
 
 
 def _save(fig: Any, folder: Path, name: str) -> list[Path]:
@@ -102,7 +117,7 @@ def _against_params(rows: list[dict[str, Any]], metrics: list[str], title: str) 
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters")
         ax.set_title(metric, fontsize=9)
-        ax.legend(fontsize=8)
+        _legend(ax)
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -122,7 +137,7 @@ def _against_m(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> Any:
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"n={n}, {params / 1e6:.1f}M")
         ax.set_xlabel("operations m (trained on 1..5)")
         ax.set_title(f"polynomial {key}", fontsize=9)
-        ax.legend(fontsize=8)
+        _legend(ax)
     return fig
 
 
@@ -147,7 +162,7 @@ def _curves(experiment: Experiment, rows: list[dict[str, Any]], task: str) -> An
                         label=f"n={n}, {params / 1e6:.1f}M")
         ax.set_xlabel("training step")
         ax.set_title(f"{task} {metric}", fontsize=9)
-        ax.legend(fontsize=8)
+        _legend(ax)
     return fig
 
 
@@ -181,8 +196,9 @@ def report(experiment: Experiment) -> Path:
     rows = [point_row(experiment, p) for p in experiment.points]
     path = experiment.results_dir / "results.csv"
     write_csv(rows, path)
+    write_markdown(rows, experiment.results_dir / "results.md")
     for row in rows:
         print(f"{row['point']}: {row['status']}")
     plots = plot(experiment, rows, experiment.results_dir / "plots")
-    print(f"wrote {path} and {len(plots)} plot files in {experiment.results_dir / 'plots'}")
+    print(f"wrote {path}, results.md and {len(plots)} plot files in {experiment.results_dir / 'plots'}")
     return path
