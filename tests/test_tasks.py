@@ -194,3 +194,13 @@ def test_teacher_forced_pass_gives_the_greedy_answer() -> None:
         wrong = seq.copy()
         wrong[len(prompt) + 2] = (wrong[len(prompt) + 2] + 1) % 384
         assert not answer_scores(pred_NT[0], nll_T, wrong, len(prompt), 5)[0]
+
+
+def test_eval_cli_unknown_task_is_one_line(capsys) -> None:
+    from mtp_jax.cli import eval_main
+
+    with pytest.raises(SystemExit) as exit_:
+        eval_main(["runs/nowhere", "--task", "bogus"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--task 'bogus' is not one of heldout, induction, polynomial" in err
+    assert err.count("\n") == 1
