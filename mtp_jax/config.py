@@ -86,8 +86,8 @@ class OptimConfig:
 class DataConfig:
     """Where text comes from and how it becomes windows of seq_len + mtp_heads tokens."""
 
-    source: str = "stdlib"  # stdlib | files | jsonl | prepared (arrayrecord: refused, see below)
-    path: str = ""  # folder, glob, .jsonl file, or mtp-prepare's OUT_DIR (unused for stdlib)
+    source: str = "stdlib"  # stdlib | files | jsonl | prepared | induction | polynomial (generated, tasks/)
+    path: str = ""  # folder, glob, .jsonl file, or mtp-prepare's OUT_DIR (unused for stdlib and generated tasks)
     text_field: str = "text"  # JSONL field holding the document
     tokenizer: str = "bytes"  # bytes | bpe | pretrained (a converted checkpoint's, in RUN_DIR/tokenizer/)
     bpe_vocab_size: int = 4096
@@ -96,6 +96,12 @@ class DataConfig:
     max_bytes: int = 0  # cap on corpus bytes read (0 = all); keeps tiny runs fast
     shuffle_seed: int = 0
     worker_count: int = 0  # Grain worker processes (0 = in-process)
+    # Generated task sources (induction, polynomial): see mtp_jax/tasks/.
+    task_train_examples: int = 20000  # training documents generated from task_seed
+    task_test_examples: int = 200  # held-out test stories (induction) or expressions per m (polynomial)
+    task_seed: int = 0  # seeds the training documents; test sets are fixed, disjoint from training
+    task_train_ops: int = 5  # polynomial: training m uniform in 1..task_train_ops (in-domain)
+    task_test_ops: int = 10  # polynomial: test m = 1..task_test_ops (out-of-domain above train_ops)
 
 
 @dataclasses.dataclass
@@ -173,7 +179,7 @@ _CHOICES = {
     "model.rope_layout": ("half", "interleaved"),
     "model.dtype": ("auto", "float32", "bfloat16"),
     "model.attention": ("auto", "xla", "blockwise", "cudnn", "splash"),
-    "data.source": ("stdlib", "files", "jsonl", "prepared", "arrayrecord"),
+    "data.source": ("stdlib", "files", "jsonl", "prepared", "arrayrecord", "induction", "polynomial"),
     "data.tokenizer": ("bytes", "bpe", "pretrained"),
     "train.step_impl": ("flat", "naive"),
 }
@@ -397,7 +403,7 @@ def validate(cfg: Config) -> None:
            "text and set data.source=prepared data.path=OUT_DIR (same text and tokenizer give the same batches)")
     _check(cfg.data.bpe_train_chars > 0, f"data.bpe_train_chars={cfg.data.bpe_train_chars} must be > 0")
     _check(
-        cfg.data.source == "stdlib" or cfg.data.path.strip() != "",
+        cfg.data.source in ("stdlib", "induction", "polynomial") or cfg.data.path.strip() != "",
         f"data.path is empty but data.source={cfg.data.source!r} needs it; set data.path=/path/to/data",
     )
     for rule in cfg.mesh.rules:

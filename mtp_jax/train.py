@@ -215,6 +215,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                 guard.check(step, ckpt.latest_step())
                 _evaluate(cfg, fns, state, tokenizer, run_dir, final=False)
+                _task_eval(cfg, built.mtp, state, tokenizer, run_dir, step)
             if preemption.agreed(sync_now=step % tcfg.log_every == 0):
                 log(f"SIGTERM: saving step {step} and exiting")
                 save(force=True)
@@ -227,6 +228,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
         result = _evaluate(cfg, fns, state, tokenizer, run_dir, final=True)
         writer.write(step, {"loss": result["loss"], **{f"loss/head_{h['head']}": h["loss"] for h in result["heads"]}},
                      prefix="eval")
+        _task_eval(cfg, built.mtp, state, tokenizer, run_dir, step)
         return result
     finally:
         preemption.restore()
@@ -251,6 +253,16 @@ def _progress(total: int, start: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def _task_eval(cfg: Config, mtp: Any, state: dict, tokenizer: Any, run_dir: Path, step: int) -> None:
+    """The task metric of a generated task source (induction, polynomial), single process only."""
+    from mtp_jax.tasks.evaluate import TASKS, evaluate_task
+
+    if cfg.data.source in TASKS and jax.process_count() == 1:
+        record = evaluate_task(cfg.data.source, cfg, mtp, state["params"], tokenizer, run_dir, step)
+        log(f"{cfg.data.source} at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items()
+                                                              if "/m_" not in k))
 
 
 def _evaluate(cfg: Config, fns: Any, state: dict, tokenizer: Any, run_dir: Path, final: bool) -> dict:

@@ -13,7 +13,8 @@ from mtp_jax.config import ConfigError, load_config, to_yaml
 from mtp_jax.model.transformer import MTP
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if not p.name.startswith("_"))
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
+                     if not p.name.startswith(("_", "sweep")))  # sweep*.yaml: mtp-sweep grids (tests/test_sweep.py)
 GOLDEN = ROOT / "tests" / "golden"
 
 

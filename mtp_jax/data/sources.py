@@ -1,9 +1,12 @@
-"""Where documents come from: the Python standard library's own source, files or JSONL (the
-prepared token store that `mtp-prepare` writes is read by store.py).
+"""Where documents come from: the Python standard library's own source, files, JSONL, or a
+generated task (`mtp_jax/tasks/`; the prepared token store that `mtp-prepare` writes is read by
+store.py).
 
 Text sources yield documents in a fixed sorted order; each lands in the train or validation
 split by a stable hash of its name (sha1, not Python's per-process `hash()`), so the split
-never depends on the machine, on `max_bytes`, or on how many documents there are.
+never depends on the machine, on `max_bytes`, or on how many documents there are. Generated task
+documents are the exception: their split is fixed by the task (the test set is `val`) and written
+into their names (`val::000012`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests",
 RawDoc = tuple[str, int, Callable[[int], bytes]]
 # (name, bytes to read, whether that is the whole document, read): a RawDoc after the max_bytes cut.
 Cut = tuple[str, int, bool, Callable[[int], bytes]]
+GENERATED_SOURCES = ("induction", "polynomial")
+SPLIT_MARK = "::"  # a generated document's name is <split>::<index>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,12 @@ def split_of(name: str, val_fraction: float) -> str:
     """'val' for a stable val_fraction of names, whatever the order or number of documents."""
     bucket = int.from_bytes(hashlib.sha1(name.encode("utf-8", "surrogateescape")).digest()[:8], "big")
     return "val" if bucket < val_fraction * 2**64 else "train"
+
+
+def split_for(name: str, val_fraction: float) -> str:
+    """The split a document lands in: the one its name fixes (generated tasks), else `split_of`."""
+    head, mark, _ = name.partition(SPLIT_MARK)
+    return head if mark and head in SPLITS else split_of(name, val_fraction)
 
 
 def _decode(data: bytes, complete: bool) -> tuple[str, bool]:
@@ -97,7 +108,7 @@ def make_document(cut: Cut, val_fraction: float) -> Document:
     """A `budgeted` document read, decoded and assigned its split (picklable input: workers call it)."""
     name, take, complete, read = cut
     text, valid = _decode(read(take), complete)
-    return Document(name, text, split_of(name, val_fraction), len(text.encode("utf-8")), valid)
+    return Document(name, text, split_for(name, val_fraction), len(text.encode("utf-8")), valid)
 
 
 def input_files(cfg: DataConfig) -> list[tuple[str, Path]]:
@@ -108,14 +119,19 @@ def input_files(cfg: DataConfig) -> list[tuple[str, Path]]:
         return _files(cfg.path)
     if cfg.source == "jsonl":
         return _files(cfg.path, suffix=".jsonl")
+    if cfg.source in GENERATED_SOURCES:
+        from mtp_jax.tasks.corpus import task_files
+
+        return task_files(cfg)
     raise ConfigError(f"data.source={cfg.source} holds tokens, not text; use it for training, not as text input")
 
 
 def raw_documents(cfg: DataConfig, files: list[tuple[str, Path]] | None = None) -> Iterator[RawDoc]:
     """The documents of `files` (default: all the source's files), reading deferred."""
     files = input_files(cfg) if files is None else files
-    if cfg.source == "jsonl":
-        return _jsonl_documents(files, cfg.text_field)
+    if cfg.source in ("jsonl", *GENERATED_SOURCES):
+        return _jsonl_documents(files, cfg.text_field if cfg.source == "jsonl" else "text",
+                                named=cfg.source in GENERATED_SOURCES)
     return _file_documents(files)
 
 
@@ -160,15 +176,15 @@ def _slice_prefix(data: bytes, limit: int) -> bytes:
     return data[:limit]
 
 
-def _jsonl_documents(files: list[tuple[str, Path]], field: str) -> Iterator[RawDoc]:
+def _jsonl_documents(files: list[tuple[str, Path]], field: str, named: bool = False) -> Iterator[RawDoc]:
     """One document per line. Invalid UTF-8 survives JSON parsing as surrogate escapes, so it is
-    counted by the same `_decode` as files."""
-    for _, path in files:
+    counted by the same `_decode` as files. `named`: each file's name is its documents' split."""
+    for name, path in files:
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
+                where = f"{name}{SPLIT_MARK}{lineno:07d}" if named else f"{path}:{lineno}"
                 try:
                     record = json.loads(line.decode("utf-8", "surrogateescape"))
                 except json.JSONDecodeError as err:
