@@ -79,6 +79,9 @@ def test_lazy_windows_equal_the_packer_reference(tmp_path: Path, corpus: Path):
         doc = np.searchsorted(starts, pos, side="right")
         np.testing.assert_array_equal(got["tokens"], np.where(valid, stream[np.minimum(pos, len(stream) - 1)], tok.eot_id))
         np.testing.assert_array_equal(got["segment_ids"], np.where(valid, doc - doc[:, :1] + 1, 0))
+        documents = list(store.SplitStream(out, split).documents())  # across the > 4 parts
+        assert [a for a, _ in documents] == starts.tolist()
+        assert [b for _, b in documents] == [*starts[1:].tolist(), len(stream)]
         assert manifest["totals"][split] == {"documents": len(starts), "tokens": len(stream),
                                              "bytes": sum(len(t.encode()) for t in text.texts(split))}
     ends = store.open_array(out / "parts" / manifest["parts"][0]["name"] / "train" / "doc_ends").read().result()

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import tensorstore as ts
@@ -164,6 +164,15 @@ class SplitStream:
                     futures.append(self._array(part)[max(a, lo) - lo:min(b, hi) - lo].read())
             pieces.append(futures)
         return [np.concatenate([f.result() for f in fs]) if fs else np.zeros(0, np.int32) for fs in pieces]
+
+    def documents(self) -> Iterator[tuple[int, int]]:
+        """(start, end) stream offsets of every document in order, its EOT at end - 1; the offsets
+        are read a part at a time, so taking the first few documents reads little."""
+        for part, name in enumerate(self.parts):
+            ends = open_array(self.folder / PARTS_DIR / name / self.split / "doc_ends").read().result()
+            ends = ends.astype(np.int64) + self.offsets[part]
+            starts = np.concatenate([[self.offsets[part]], ends[:-1]])
+            yield from zip(starts.tolist(), ends.tolist())
 
     def unigram_counts(self) -> np.ndarray:
         return np.load(self.folder / f"{self.split}_counts.npy")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +14,16 @@ from mtp_jax.config import ConfigError
 def document_starts(cfg: Any, tokenizer: Any, run_dir: str | Path, length: int, count: int) -> np.ndarray:
     """(count, length) ids: the first `length` tokens of the first `count` val documents that
     long. No prompt crosses a document boundary (decoding masks none) or starts mid-document."""
-    from mtp_jax.data.pipeline import split_windows
+    from mtp_jax.data.pipeline import dataset_folder
+    from mtp_jax.data.store import SplitStream
 
-    windows = split_windows(cfg, tokenizer, run_dir, "val")
-    tokens, starts = windows.tokens, windows.starts
-    ends = np.append(starts[1:], len(tokens)) - 1  # each document's end-of-text token
-    long_enough = starts[ends - starts >= length]
-    if len(long_enough) < count:
-        raise ConfigError(f"only {len(long_enough)} held-out documents have {length} tokens; "
+    stream = SplitStream(dataset_folder(cfg, tokenizer, run_dir), "val")
+    long_enough = itertools.islice((start for start, end in stream.documents() if end - 1 - start >= length), count)
+    starts = list(long_enough)
+    if len(starts) < count:
+        raise ConfigError(f"only {len(starts)} held-out documents have {length} tokens; "
                           "ask for shorter or fewer prompts")
-    return np.stack([tokens[s : s + length] for s in long_enough[:count]]).astype(np.int32)
+    return np.stack(stream.read_many([(s, s + length) for s in starts])).astype(np.int32)
 
 
 def print_sample_completion(cfg: Any, tokenizer: Any, run_dir: str | Path, params: Any,
