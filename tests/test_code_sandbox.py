@@ -68,6 +68,8 @@ def test_classification_of_ordinary_programs(box):
 def test_classify_signals_and_timeouts():
     assert classify("", "", -signal.SIGSEGV, False, "N").error_type == "signal SIGSEGV"
     assert classify("N\n", "", -signal.SIGXCPU, False, "N").status == "timeout"  # CPU limit: not a pass
+    assert classify("N\n", "", 128 + signal.SIGXCPU, False, "N").status == "timeout"  # as the namespace init reports it
+    assert classify("", "", 128 + signal.SIGSEGV, False, "N").error_type == "signal SIGSEGV"
     assert classify("N\n", "", 0, True, "N").status == "timeout"
     assert classify("xN\n", "", 0, False, "N").status == "fail"  # the nonce must be a whole line
 

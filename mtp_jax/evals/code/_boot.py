@@ -91,6 +91,17 @@ def kill_uid(uid):
         pass
 
 
+def wait_for_program(python: str, program: str, env: dict) -> None:
+    """As the namespace's first process, runs the program as a child and exits with its status,
+    128 + N for signal N: `unshare` cannot re-raise a CPU-limit SIGXCPU on itself (it exits 1
+    instead), so the harness would see an error where the program ran out of time."""
+    pid = os.fork()
+    if pid == 0:
+        os.execve(python, [python, "-I", "-B", "-u", program], env)
+    _, status = os.waitpid(pid, 0)
+    os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+
+
 def main():
     if sys.argv[1] == "--kill-uid":
         kill_uid(int(sys.argv[2]))
@@ -110,6 +121,8 @@ def main():
         python = shutil.which(spec["python"]) or spec["python"]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work, "PYTHONHASHSEED": "0"}
         os.set_inheritable(status_fd, False)
+        if spec["namespaces"]:
+            wait_for_program(python, program, env)
         os.execve(python, [python, "-I", "-B", "-u", program], env)
     except BaseException as err:  # noqa: BLE001 - every failure goes back to the harness
         os.write(status_fd, f"{type(err).__name__}: {err}".encode()[:4000])
