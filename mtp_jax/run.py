@@ -101,14 +101,15 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume(saved: Config, cfg: Config) -> list[str]:
+def check_resume(saved: Config, cfg: Config, allow_data_change: bool = False) -> list[str]:
     """Compares a resumed run's saved config with this one (vocab sizes resolved in both). A changed data
-    source or tokenizer is refused unless train.allow_data_change=true: the data iterator's position and the
-    checkpoint's embeddings belong to the old one. Returns the other changed keys as 'key old -> new'."""
+    source or tokenizer is refused unless train.allow_data_change=true (or `allow_data_change`: converted
+    weights, which hold no data position): the data iterator's position and the checkpoint's embeddings
+    belong to the old one. Returns the other changed keys as 'key old -> new'."""
     old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
     changed = [k for k in new if old.get(k) != new[k] and not k.startswith(QUIET_KEYS)]
     data = [k for k in changed if k.startswith("data.")]
-    if data and not cfg.train.allow_data_change:
+    if data and not (cfg.train.allow_data_change or allow_data_change):
         what = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in data)
         raise ConfigError(f"resuming {cfg.train.run_dir} with a different data source or tokenizer ({what}); "
                           f"restore those values, use a new train.run_dir, or set train.allow_data_change=true")

@@ -94,8 +94,11 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, A
     if resuming:
         read_tokenizer(run_dir / "tokenizer")  # damaged: one line now, not a traceback from the tokenizers library
     saved = read_config(run_dir) if resuming and (run_dir / "config.yaml").is_file() else None
+    # Converted weights (a params-only checkpoint) hold no data position: fine-tuning them may bring new data.
+    converted = resuming and ckpt.params_only()
     if saved is not None:
-        check_resume(saved, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=saved.model.vocab_size)))
+        check_resume(saved, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=saved.model.vocab_size)),
+                     allow_data_change=converted)
     if not resuming and primary:
         gone = clear_unfinished_run(run_dir)
         if gone:
@@ -104,7 +107,7 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, A
         tokenizer = _tokenizer(cfg, run_dir)
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
     if saved is not None:
-        changed = check_resume(saved, cfg)
+        changed = check_resume(saved, cfg, allow_data_change=converted)
         if changed:
             log(f"warning: resuming with changed settings: {'; '.join(changed)}")
     if cfg.optim.warmup_steps > cfg.train.steps:

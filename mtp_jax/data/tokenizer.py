@@ -127,6 +127,7 @@ class PretrainedTokenizer:
             self._encode = lambda texts: [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=False)]
             self._decode = lambda ids: hf.decode(ids, skip_special_tokens=True)
         self.eos_token = eos_token
+        self.fingerprint = hashlib.sha1(self.path.read_bytes()).hexdigest()[:16]  # the file byte for byte
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode([text])[0])
