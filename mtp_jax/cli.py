@@ -44,11 +44,13 @@ def eval_main(argv: list[str]) -> int:
         return 0
     if args.batches < 0:
         raise UserError(f"--batches {args.batches} must be >= 0 (0 = train.eval_batches of the run)")
-    from mtp_jax.evals.cli import evaluate_run, run_task
-
     if args.task in GENERATED_SOURCES:
-        print(json.dumps(run_task(args.run_dir, args.task)))
+        from mtp_jax.tasks.evaluate import evaluate_run_task
+
+        print(json.dumps(evaluate_run_task(args.run_dir, args.task)))
         return 0
+    from mtp_jax.evals.cli import evaluate_run
+
     print(json.dumps(evaluate_run(args.run_dir, args.batches or None)))
     return 0
 

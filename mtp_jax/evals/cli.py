@@ -17,13 +17,3 @@ def evaluate_run(run_dir: str | Path, batches: int | None = None) -> dict:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_batches=batches))
     return heldout_report(cfg, run.built.fns.eval_step, run.params, run.tokenizer, Path(run_dir), run.step)
 
-
-def run_task(run_dir: str | Path, task: str) -> dict:
-    """`mtp-eval RUN_DIR --task NAME`: one function per task, each writing RUN_DIR/evals/<task>/step_N.json."""
-    from mtp_jax.errors import UserError
-    from mtp_jax.tasks.evaluate import evaluate_run_task
-
-    tasks = {"induction": evaluate_run_task, "polynomial": evaluate_run_task}
-    if task not in tasks:
-        raise UserError(f"--task {task!r} is not one of heldout, {', '.join(tasks)}")
-    return tasks[task](run_dir, task)
