@@ -20,7 +20,7 @@ from mtp_jax.errors import ConfigError
 __all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "validate"]
 
 
-BLOCK_HEADS = ("transformer", "causal", "anticausal")  # head kinds made of transformer blocks
+BLOCK_HEADS = ("transformer", "causal", "anticausal", "sequential")  # head kinds made of transformer blocks
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ class ModelConfig:
 
     As in the paper (7B: 32 layers, n=4 -> 28 trunk + 4 head layers), transformer heads take
     `mtp_heads` blocks from the total, so n=1 is a plain n_layers-deep next-token model whose
-    last block is head 1. Linear heads take no blocks.
+    last block is head 1. Linear heads and replicated unembeddings take no blocks.
     """
 
     vocab_size: int = 0  # 0 = take it from the tokenizer
@@ -41,7 +41,7 @@ class ModelConfig:
     d_ff: int = 0  # 0 = SwiGLU default: 8/3 d_model rounded up to a multiple of ffn_multiple
     ffn_multiple: int = 64  # 256 = Llama's rounding (11008 at d_model 4096)
     mtp_heads: int = 4  # n: head i predicts token t+i
-    head_type: str = "transformer"  # transformer | linear | causal | anticausal
+    head_type: str = "transformer"  # transformer | linear | causal | anticausal | sequential | replicated
     rope_theta: float = 10000.0
     rope_layout: str = "half"  # half (rotate halves of the head dim, Hugging Face) | interleaved (pairs, Meta)
     norm_eps: float = 1e-5
@@ -148,6 +148,12 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation
     seed: int = 0
     loss_weights: list = dataclasses.field(default_factory=list)  # per head; empty = all 1
+    loss_schedule: str = "constant"  # constant | linear (across heads) | deepseek (see mtp_jax/loss_schedule.py)
+    loss_lambda_start: float = 0.3  # deepseek: heads 2..n share lambda, this before loss_lambda_step
+    loss_lambda_end: float = 0.1  # deepseek: lambda from loss_lambda_step on
+    loss_lambda_step: int = 0  # deepseek: the step lambda switches (0 = never)
+    n_curriculum: str = "none"  # none | forward (start at n = 1, add heads) | reverse (drop heads down to 1)
+    curriculum_every: int = 100  # steps per curriculum stage (one head added or dropped each)
     ce_chunk: int = 512  # sequence positions per cross-entropy chunk
     step_impl: str = "flat"  # flat (memory-flat heads) | naive (all logits at once)
     log_every: int = 10
@@ -174,7 +180,7 @@ class Config:
 
 
 _CHOICES = {
-    "model.head_type": ("transformer", "linear", "causal", "anticausal"),
+    "model.head_type": ("transformer", "linear", "causal", "anticausal", "sequential", "replicated"),
     "model.remat": ("none", "full", "dots"),
     "model.rope_layout": ("half", "interleaved"),
     "model.dtype": ("auto", "float32", "bfloat16"),
@@ -182,6 +188,8 @@ _CHOICES = {
     "data.source": ("stdlib", "files", "jsonl", "prepared", "arrayrecord", "induction", "polynomial"),
     "data.tokenizer": ("bytes", "bpe", "pretrained"),
     "train.step_impl": ("flat", "naive"),
+    "train.loss_schedule": ("constant", "linear", "deepseek"),
+    "train.n_curriculum": ("none", "forward", "reverse"),
 }
 
 
@@ -347,6 +355,8 @@ def validate(cfg: Config) -> None:
         f"model.n_layers={m.n_layers} leaves no trunk for model.mtp_heads={m.mtp_heads}; "
         f"set n_layers >= {m.n_layers - m.trunk_layers + 1} (transformer heads take mtp_heads of the n_layers blocks)",
     )
+    _check(not (m.head_type == "replicated" and m.tie_embeddings),
+           "model.head_type=replicated gives every head its own unembedding; set model.tie_embeddings=false")
     for name in ("d_model", "attn_heads", "ffn_multiple"):
         _check(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
     _check(
@@ -383,6 +393,9 @@ def validate(cfg: Config) -> None:
         f"train.loss_weights={t.loss_weights} must be numbers >= 0, not all 0 (a negative weight maximises that "
         f"head's loss); e.g. [1, 0.5]",
     )
+    for name in ("loss_lambda_start", "loss_lambda_end", "loss_lambda_step"):
+        _check(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0 (DeepSeek-V3: 0.3 then 0.1)")
+    _check(t.curriculum_every >= 1, f"train.curriculum_every={t.curriculum_every} must be >= 1 (steps per stage)")
     _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 = only at the end)")
     _check(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be >= 1")
     _check(t.max_skipped_steps >= 0, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0")

@@ -10,7 +10,7 @@ gradient in the same pass and whose backward only scales it by the incoming cota
   ever live, never a (B, T, V) float32 tensor.
 - `heads_loss`: a lax.scan over the stacked head parameters that runs head i's forward AND
   backward (`jax.vjp`) in iteration i, accumulating the gradient at the trunk output, exactly
-  the paper's order of operations. Nothing is recomputed. Chained kinds (causal, anticausal),
+  the paper's order of operations. Nothing is recomputed. Chained kinds (causal, anticausal, sequential),
   where a head's gradient needs the heads after it, keep each head's (B, T, D) input instead and
   back-propagate in a reverse scan (`_chained_fwd`): logits memory stays flat, hidden states
   grow by one (B, T, D) per head, each head's forward runs twice.
@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.heads import mask_for_head, processing_order, targets_for_head
+from mtp_jax.model.heads import head_slice, mask_for_head, processing_order, targets_for_head
 from mtp_jax.model.transformer import MTP, Params
 
 Metrics = dict[str, jax.Array]
@@ -109,13 +109,21 @@ def head_counts(segments_BL: jax.Array, n: int) -> jax.Array:
     return jnp.stack([jnp.maximum(jnp.sum(mask_for_head(segments_BL, i + 1, t)), 1) for i in range(n)]).astype(jnp.float32)
 
 
+def _feed(mtp: MTP, shared: Params, tokens_BL, i, t: int) -> jax.Array | None:
+    """Sequential kinds: Emb(x_{t+i}) for head i (0-based), the true token before its target, sliced
+    from the window like the targets (never rolled across a document: those targets are masked)."""
+    return mtp.embed_rows(shared, targets_for_head(tokens_BL, i, t)) if mtp.head_kind.reads_tokens else None
+
+
 def _one_head(mtp: MTP, chunk: int, hp: Params, shared: Params, z_BTD, prev_BTD, tokens_BL, segments_BL, i, count):
     """Head i (0-based) predicts tokens t + i + 1: ((CE sum / count, its hidden state), top-1 hits / count)."""
     b, t = z_BTD.shape[:2]
-    h_BTD, _ = mtp.head(hp, z_BTD, _positions(b, t), segments_BL[:, :t], None, prev_BTD)
+    feed_BTD = _feed(mtp, shared, tokens_BL, i, t)
+    h_BTD, _ = mtp.head(hp, z_BTD, _positions(b, t), segments_BL[:, :t], None, prev_BTD, feed_BTD)
     hn_BTD = mtp.final_norm(shared, h_BTD)
     mask_BT = mask_for_head(segments_BL, i + 1, t)
-    loss, correct = chunked_xent(hn_BTD, shared["unembed"], targets_for_head(tokens_BL, i + 1, t), mask_BT, chunk)
+    w_DV = mtp.head_unembedding(shared, hp)
+    loss, correct = chunked_xent(hn_BTD, w_DV, targets_for_head(tokens_BL, i + 1, t), mask_BT, chunk)
     return (loss / count, h_BTD), correct / count
 
 
@@ -175,11 +183,15 @@ def _chained_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weigh
     order = _order(mtp, weights_N.shape[0])
     heads_k = _permute(heads, order)
 
-    def forward(prev_BTD, hp):
-        h_BTD, _ = mtp.head(hp, z_BTD, _positions(*z_BTD.shape[:2]), segments_BL[:, : z_BTD.shape[1]], None, prev_BTD)
+    b, t = z_BTD.shape[:2]
+
+    def forward(prev_BTD, xs):
+        hp, i = xs
+        h_BTD, _ = mtp.head(hp, z_BTD, _positions(b, t), segments_BL[:, :t], None, prev_BTD,
+                            _feed(mtp, shared, tokens_BL, i, t))
         return h_BTD, prev_BTD
 
-    _, inputs_K = jax.lax.scan(forward, z_BTD, heads_k)
+    _, inputs_K = jax.lax.scan(forward, z_BTD, (heads_k, order))
 
     def backward(carry, xs):
         dh_BTD, dz_BTD, dshared = carry
@@ -218,9 +230,12 @@ def naive_heads_loss(mtp: MTP, heads: Params, shared: Params, z_BTD, tokens_BL, 
     """Every head's full (B, T, V) logits at once, plain autodiff: memory O(n x T x V)."""
     b, t = z_BTD.shape[:2]
     losses, accs = [], []
-    h_NBTD, _ = mtp.heads_hidden(heads, z_BTD, _positions(b, t), segments_BL[:, :t])
+    n = weights_N.shape[0]
+    teacher_NBT = jnp.stack([targets_for_head(tokens_BL, i, t) for i in range(n)])
+    feed = mtp.token_feed(shared, tokens_BL[:, :t], teacher_NBT)
+    h_NBTD, _ = mtp.heads_hidden(heads, z_BTD, _positions(b, t), segments_BL[:, :t], feed=feed)
     for i, h_BTD in enumerate(h_NBTD):
-        logits_BTV = mtp.logits(shared, h_BTD)
+        logits_BTV = mtp.logits(shared, h_BTD, head_slice(heads, i))
         targets_BT, mask_BT = targets_for_head(tokens_BL, i + 1, t), mask_for_head(segments_BL, i + 1, t)
         logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), targets_BT[..., None], axis=-1)[..., 0]
         losses.append(-jnp.sum(logp_BT * mask_BT) / counts_N[i])

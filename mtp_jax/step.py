@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mtp_jax import sharding
 from mtp_jax.config import TrainConfig
 from mtp_jax.loss import as_metrics, head_counts, loss_weights, mtp_loss
+from mtp_jax.loss_schedule import LossSchedule
 from mtp_jax.model.transformer import MTP
 
 State = dict[str, Any]
@@ -38,7 +39,8 @@ class StepFns:
 
     def __init__(self, mtp: MTP, tx: optax.GradientTransformation, tcfg: TrainConfig, mesh: Mesh, rules: dict):
         self.mtp, self.tx, self.tcfg, self.mesh, self.rules = mtp, tx, tcfg, mesh, rules
-        self.weights = loss_weights(mtp.cfg.mtp_heads, tcfg.loss_weights)
+        self.weights = loss_weights(mtp.cfg.mtp_heads, tcfg.loss_weights)  # evaluation
+        self.schedule = LossSchedule(mtp.cfg.mtp_heads, tcfg)  # training: per-step weights
         abstract_params = mtp.abstract_params()
         param_sh = sharding.param_shardings(abstract_params, mtp.logical_axes(), mesh, rules)
         replicated = NamedSharding(mesh, P())
@@ -63,8 +65,9 @@ class StepFns:
 
         return jax.jit(make, out_shardings=self.state_shardings)(key)
 
-    def _loss(self, params, batch, counts_N=None):
-        return mtp_loss(self.mtp, params, batch, self.weights, self.tcfg.ce_chunk, self.tcfg.step_impl, counts_N)
+    def _loss(self, params, batch, counts_N=None, weights_N=None):
+        weights_N = self.weights if weights_N is None else weights_N
+        return mtp_loss(self.mtp, params, batch, weights_N, self.tcfg.ce_chunk, self.tcfg.step_impl, counts_N)
 
     def _train(self, state: State, batch: dict) -> tuple[State, dict]:
         m = self.tcfg.micro_batches
@@ -77,9 +80,10 @@ class StepFns:
         # Token-weighted: every micro-batch divides by the whole batch's valid-target counts, so the
         # summed losses and gradients equal the whole batch's even when micro-batches differ in size.
         counts_N = head_counts(batch["segment_ids"], self.mtp.cfg.mtp_heads)
+        weights_N = self.schedule.weights_at(state["step"])
 
         def accumulate(carry, mb):
-            (loss, aux), grads = grad_fn(state["params"], mb, counts_N)
+            (loss, aux), grads = grad_fn(state["params"], mb, counts_N, weights_N)
             add = lambda a, g: a + g.astype(jnp.float32)
             return jax.tree.map(add, carry, (grads, as_metrics(loss, aux))), None
 

@@ -1,5 +1,7 @@
-"""Chained head kinds (the paper's causal and anticausal ablations): the flat loss and gradients
-against a reference written from the equations, and speculative greedy decoding == plain greedy."""
+"""Head kinds beyond parallel blocks (the paper's causal and anticausal ablations, DeepSeek-style
+sequential modules, the byte models' replicated unembedding): the flat loss and gradients against
+a reference written from the equations, packed documents kept apart, and speculative greedy
+decoding == plain greedy."""
 
 from __future__ import annotations
 
@@ -67,14 +69,61 @@ def _reference_loss(mtp: MTP, params, batch, weights, reverse: bool) -> jax.Arra
     return total
 
 
-@pytest.mark.parametrize("kind, reverse", [("causal", False), ("anticausal", True)])
+def _rms(x, scale, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * scale
+
+
+def _reference_sequential(mtp: MTP, params, batch, weights, reverse=None) -> jax.Array:
+    """h_0 = z; h_i = Block_i(W_i [RMSNorm(h_{i-1}); RMSNorm(E[x_{t+i-1}])]) (i = 1..n, the true token
+    before head i's target, sliced from the window); logits_i = RMSNorm(h_i) U; same loss as above."""
+    tokens, segments = batch["tokens"], batch["segment_ids"]
+    b, eps, hp = tokens.shape[0], mtp.cfg.norm_eps, params["heads"]
+    pos = jnp.broadcast_to(jnp.arange(T), (b, T))
+    z, _ = mtp.trunk(params, tokens[:, :T], pos, segments[:, :T])
+    block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(mtp.cfg, nnx.Rngs(0))))
+    total, h = 0.0, z
+    for i in range(1, N + 1):
+        emb = params["embed"]["embedding"][tokens[:, i - 1: i - 1 + T]]
+        x = jnp.concatenate([_rms(h, hp["hidden_norm"]["scale"][i - 1], eps),
+                             _rms(emb, hp["embed_norm"]["scale"][i - 1], eps)], -1) @ hp["proj"][i - 1]
+        h, _ = nnx.merge(block_def, jax.tree.map(lambda p: p[i - 1], hp["block"]))(x, pos, segments[:, :T])
+        total = total + weights[i - 1] * _mean_nll(_rms(h, params["norm"]["scale"], eps) @ params["unembed"]["kernel"],
+                                                   tokens, segments, i)
+    return total
+
+
+def _reference_replicated(mtp: MTP, params, batch, weights, reverse=None) -> jax.Array:
+    """No head layers: logits_i = RMSNorm(z) U_i with U = [U_1 ... U_n] of shape (d, n x V)."""
+    tokens, segments = batch["tokens"], batch["segment_ids"]
+    pos = jnp.broadcast_to(jnp.arange(T), (tokens.shape[0], T))
+    z, _ = mtp.trunk(params, tokens[:, :T], pos, segments[:, :T])
+    u_DNV = jnp.concatenate(list(params["heads"]["unembed"]), axis=1)  # (d, n x V), head i's columns i*V..
+    logits = _rms(z, params["norm"]["scale"], mtp.cfg.norm_eps) @ u_DNV
+    return sum(weights[i - 1] * _mean_nll(logits[..., (i - 1) * VOCAB: i * VOCAB], tokens, segments, i)
+               for i in range(1, N + 1))
+
+
+def _mean_nll(logits, tokens, segments, i: int) -> jax.Array:
+    """Mean CE of predicting x_{t+i} at t over the positions where t and t+i share a document."""
+    target = tokens[:, i: i + T]
+    valid = (segments[:, :T] == segments[:, i: i + T]) & (segments[:, i: i + T] != 0)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), target[..., None], -1)[..., 0]
+    return jnp.sum(nll * valid) / jnp.sum(valid)
+
+
+REFERENCES = {"causal": (_reference_loss, False), "anticausal": (_reference_loss, True),
+              "sequential": (_reference_sequential, None), "replicated": (_reference_replicated, None)}
+
+
+@pytest.mark.parametrize("kind", list(REFERENCES))
 @pytest.mark.parametrize("impl", ["flat", pytest.param("naive", marks=pytest.mark.slow)])
-def test_loss_and_grads_match_equations(kind, reverse, impl):
+def test_loss_and_grads_match_equations(kind, impl):
     mtp, batch = _mtp(kind), _batch()
     params = _params(mtp)
     weights = loss_weights(N, [1.0, 0.5, 0.25])
+    reference, reverse = REFERENCES[kind]
     got, g_got = jax.value_and_grad(lambda p: mtp_loss(mtp, p, batch, weights, 4, impl)[0])(params)
-    want, g_want = jax.value_and_grad(lambda p: _reference_loss(mtp, p, batch, weights, reverse))(params)
+    want, g_want = jax.value_and_grad(lambda p: reference(mtp, p, batch, weights, reverse))(params)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_got)[0], jax.tree.leaves(g_want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
@@ -84,8 +133,32 @@ def test_loss_and_grads_match_equations(kind, reverse, impl):
 def test_chaining_changes_the_heads():
     """Guards the test above against a kind that silently ignores its input chain."""
     batch, weights = _batch(), loss_weights(N)
-    losses = {k: float(mtp_loss(_mtp(k), _params(_mtp(k)), batch, weights)[0]) for k in ("transformer", "causal", "anticausal")}
-    assert len({round(v, 4) for v in losses.values()}) == 3, losses
+    kinds = ("transformer", "causal", "anticausal", "sequential")
+    losses = {k: float(mtp_loss(_mtp(k), _params(_mtp(k)), batch, weights)[0]) for k in kinds}
+    assert len({round(v, 4) for v in losses.values()}) == len(kinds), losses
+
+
+@pytest.mark.parametrize("kind", ["sequential", "replicated", "transformer"])
+def test_packed_documents_train_as_if_apart(kind):
+    """Two documents packed in one window give the CE sums of the same documents in rows of their own
+    (zero padding after each): nothing of the second document, not even a sequential head's token
+    input, reaches a target of the first (a rolled target would)."""
+    mtp = _mtp(kind)
+    params, weights = _params(mtp), loss_weights(N)
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(1, VOCAB, 7), rng.integers(1, VOCAB, 6)
+    packed_t = np.zeros((1, T + N), np.int32)
+    packed_t[0, :13] = np.concatenate([a, b])
+    packed_s = np.zeros((1, T + N), np.int32)
+    packed_s[0, :7], packed_s[0, 7:13] = 1, 2
+    apart_t, apart_s = np.zeros((2, T + N), np.int32), np.zeros((2, T + N), np.int32)
+    apart_t[0, :7], apart_t[1, :6], apart_s[0, :7], apart_s[1, :6] = a, b, 1, 1
+    sums = []
+    for tokens, segments in ((packed_t, packed_s), (apart_t, apart_s)):
+        batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(segments)}
+        _, aux = mtp_loss(mtp, params, batch, weights, 4, "flat", counts_N=jnp.ones(N))
+        sums.append(np.asarray(aux["loss"]))
+    np.testing.assert_allclose(sums[0], sums[1], rtol=1e-5)
 
 
 def _uncached_greedy(mtp: MTP, params, prompts: list[list[int]], new: int) -> list[list[int]]:
@@ -102,7 +175,7 @@ def _uncached_greedy(mtp: MTP, params, prompts: list[list[int]], new: int) -> li
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["causal", "anticausal"])
+@pytest.mark.parametrize("kind", ["causal", "anticausal", "sequential", "replicated"])
 def test_speculative_greedy_equals_greedy(kind):
     mtp = _mtp(kind)
     params = _params(mtp, seed=3)

@@ -54,7 +54,8 @@ def forward_step(
     z_BTD, trunk_cache = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"])
     run = mtp.cfg.mtp_heads if getattr(mtp.head_kind, "reverse", False) else heads  # anticausal: head 1 reads all
     first = lambda tree: _heads_slice(tree, 0, run)
-    h_NBTD, head_cache = mtp.heads_hidden(first(params["heads"]), z_BTD, positions_BT, None, first(cache["heads"]))
+    feed = mtp.token_feed(mtp.shared(params), tokens_BT)  # sequential kinds: the fed token, then argmaxes
+    h_NBTD, head_cache = mtp.heads_hidden(first(params["heads"]), z_BTD, positions_BT, None, first(cache["heads"]), feed)
     return h_NBTD[:heads], _set_heads({"trunk": trunk_cache, "heads": cache["heads"]}, 0, head_cache)
 
 

@@ -66,7 +66,7 @@ def verify(key: jax.Array, p_BKV: jax.Array, q_BJV: jax.Array, drafts_BJ: jax.Ar
 def propose(mtp: MTP, params: Params, key: jax.Array, h_JBD: jax.Array, sampling: Sampling,
             mode: str) -> tuple[jax.Array, jax.Array]:
     """Drafts (B, J) from heads 2..J+1 at one position, and the distributions they came from."""
-    q_BJV = token_probs(logits(mtp, params, h_JBD.swapaxes(0, 1)), sampling, mode)
+    q_BJV = token_probs(mtp.draft_logits(params, h_JBD), sampling, mode)  # each head's own unembedding
     return draw(key, q_BJV, mode == "greedy"), q_BJV
 
 

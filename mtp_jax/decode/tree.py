@@ -83,7 +83,7 @@ def compact(cache: KVCache, path_BK: jax.Array, start_B: jax.Array) -> KVCache:
 
 def candidates(mtp: MTP, params: Params, h_JBD: jax.Array, width: int) -> jax.Array:
     """(B, J, width) top tokens of heads 2..J+1."""
-    return jax.lax.top_k(logits(mtp, params, h_JBD.swapaxes(0, 1)), width)[1].astype(jnp.int32)
+    return jax.lax.top_k(mtp.draft_logits(params, h_JBD), width)[1].astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("mtp", "widths", "max_new", "mode"), donate_argnames=("cache",))

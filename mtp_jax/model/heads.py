@@ -1,8 +1,10 @@
 """The n prediction heads: parameters stacked on a leading head axis, applied one at a time.
 
 A head kind maps the trunk output z to head i's hidden state h_i; the shared final norm and
-unembedding (in `transformer.py`) turn h_i into logits for token t+i. New kinds (causal
-stacks, DeepSeek-style sequential modules) implement `HeadKind` without touching the trunk.
+unembedding (in `transformer.py`) turn h_i into logits for token t+i. New kinds implement
+`HeadKind` without touching the trunk: chained ones read the previous head's output, a
+sequential one also the embedding of the token before its target, a replicated one brings its
+own unembedding.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from mtp_jax.config import ModelConfig
-from mtp_jax.model.layers import Block, KVCache, param
+from mtp_jax.model.layers import Block, KVCache, RMSNorm, param
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, axis_name: str, rngs: nnx.Rngs) -> nnx.Module:
@@ -38,6 +41,8 @@ class HeadKind(Protocol):
 
     uses_cache: bool  # keeps a KV cache per head in decoding
     chained: bool  # head i reads head i-1's output
+    reads_tokens: bool  # head i also reads Emb(x_{t+i-1}) as `feed_BTD` (sequential)
+    own_unembedding: bool  # head i's parameters hold its (D, V) unembedding under "unembed" (replicated)
 
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         """All n heads, parameters stacked on axis 0."""
@@ -45,6 +50,7 @@ class HeadKind(Protocol):
     def apply(
         self, params_i: dict, z_BTD: jax.Array, positions_BT: jax.Array, segments_BT: jax.Array | None,
         cache: KVCache | None, prev_BTD: jax.Array | None = None, tree_mask_BTS: jax.Array | None = None,
+        feed_BTD: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Head i's hidden state from the trunk output, given head i's (unstacked) parameters.
         `tree_mask_BTS` (decoding, independent kinds) replaces the causal mask over cache slots:
@@ -60,6 +66,8 @@ class TransformerHeads:
 
     uses_cache = True
     chained = False
+    reads_tokens = False
+    own_unembedding = False
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -68,7 +76,7 @@ class TransformerHeads:
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: Block(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None, feed_BTD=None):
         return nnx.merge(self.block_def, params_i)(z_BTD, positions_BT, segments_BT, cache, tree_mask_BTS)
 
     def write_cache(self, params_i, z_BTD, positions_BT, cache):
@@ -85,6 +93,8 @@ class LinearHeads:
 
     uses_cache = False
     chained = False
+    reads_tokens = False
+    own_unembedding = False
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -92,7 +102,7 @@ class LinearHeads:
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: LinearProjection(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None, feed_BTD=None):
         return z_BTD @ params_i["kernel"].astype(z_BTD.dtype), cache
 
     def write_cache(self, params_i, z_BTD, positions_BT, cache):
@@ -107,7 +117,7 @@ class ChainedHeads(TransformerHeads):
     chained = True
     reverse = False
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None, feed_BTD=None):
         x_BTD = z_BTD if prev_BTD is None else prev_BTD
         return nnx.merge(self.block_def, params_i)(x_BTD, positions_BT, segments_BT, cache, tree_mask_BTS)
 
@@ -119,8 +129,63 @@ class AnticausalHeads(ChainedHeads):
     reverse = True
 
 
+class SequentialModule(nnx.Module):
+    """DeepSeek-V3's MTP module: h'_i = W_i [RMSNorm(h_{i-1}); RMSNorm(Emb(x_{t+i-1}))], h_i = Block_i(h'_i)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.hidden_norm = RMSNorm(d, cfg.norm_eps, rngs)
+        self.embed_norm = RMSNorm(d, cfg.norm_eps, rngs)
+        self.proj = param(rngs, (2 * d, d), (None, "embed"), cfg.init_std)
+        self.block = Block(cfg, rngs)
+
+    def __call__(self, prev_BTD, feed_BTD, positions_BT, segments_BT, cache, tree_mask_BTS=None):
+        x_BTE = jnp.concatenate([self.hidden_norm(prev_BTD), self.embed_norm(feed_BTD)], axis=-1)
+        return self.block(x_BTE @ self.proj[...].astype(x_BTE.dtype), positions_BT, segments_BT, cache, tree_mask_BTS)
+
+
+class SequentialHeads(ChainedHeads):
+    """DeepSeek-V3-style sequential heads: head i reads head i-1's output (h_0 = z) and the embedding of
+    the token before its target, x_{t+i-1} (for head 1 that is x_t itself, the token at t). Training
+    feeds the true tokens; decoding, where x_{t+i-1} is not known yet, feeds head i-1's argmax at t
+    (`MTP.token_feed`), so every cache entry is a function of the prefix alone."""
+
+    reads_tokens = True
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.module_def = nnx.graphdef(nnx.eval_shape(lambda: SequentialModule(cfg, nnx.Rngs(0))))
+
+    def create(self, rngs: nnx.Rngs) -> nnx.Module:
+        return stacked(lambda r: SequentialModule(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
+
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None, feed_BTD=None):
+        x_BTD = z_BTD if prev_BTD is None else prev_BTD
+        module = nnx.merge(self.module_def, params_i)
+        return module(x_BTD, feed_BTD, positions_BT, segments_BT, cache, tree_mask_BTS)
+
+
+class Unembedding(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+
+
+class ReplicatedHeads(LinearHeads):
+    """The byte models' replicated unembedding (d, n x V): no head layers, head i's logits are
+    RMSNorm(z) W_i with its own W_i (D, V), stacked as (n, D, V)."""
+
+    own_unembedding = True
+
+    def create(self, rngs: nnx.Rngs) -> nnx.Module:
+        return stacked(lambda r: Unembedding(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
+
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None, feed_BTD=None):
+        return z_BTD, cache
+
+
 HEAD_KINDS: dict[str, Callable[[ModelConfig], HeadKind]] = {
     "transformer": TransformerHeads, "linear": LinearHeads, "causal": ChainedHeads, "anticausal": AnticausalHeads,
+    "sequential": SequentialHeads, "replicated": ReplicatedHeads,
 }
 
 

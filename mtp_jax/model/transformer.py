@@ -8,18 +8,19 @@ jitted step shards, donates and checkpoints a pytree of arrays.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mtp_jax.config import ModelConfig
-from mtp_jax.model.heads import HEAD_KINDS, processing_order, stacked
+from mtp_jax.model.heads import HEAD_KINDS, head_slice, processing_order, stacked
 from mtp_jax.model.layers import Block, KVCache, RMSNorm, param
 from mtp_jax.sharding import constrain
 
 Params = dict[str, Any]
+Feed = Callable[[jax.Array, jax.Array], jax.Array]  # (head index, previous head's output) -> (B, T, D)
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -32,9 +33,10 @@ class MTPModel(nnx.Module):
         d, v = cfg.d_model, cfg.vocab_size
         self.embed = nnx.Dict(embedding=param(rngs, (v, d), ("vocab", "embed"), cfg.init_std))
         self.trunk = stacked(lambda r: Block(cfg, r), cfg.trunk_layers, "layers", rngs)
-        self.heads = HEAD_KINDS[cfg.head_type](cfg).create(rngs)
+        kind = HEAD_KINDS[cfg.head_type](cfg)
+        self.heads = kind.create(rngs)
         self.norm = RMSNorm(d, cfg.norm_eps, rngs)
-        if not cfg.tie_embeddings:
+        if not (cfg.tie_embeddings or kind.own_unembedding):
             self.unembed = nnx.Dict(kernel=param(rngs, (d, v), ("embed", "vocab"), cfg.init_std))
 
 
@@ -117,10 +119,11 @@ class MTP:
         segments_BT: jax.Array | None = None,
         cache: KVCache | None = None,
         prev_BTD: jax.Array | None = None,
+        feed_BTD: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """One head's hidden state, from that head's (unstacked) parameters (and, for chained kinds,
-        the output of the head processed before it)."""
-        return self.head_kind.apply(head_params, z_BTD, positions_BT, segments_BT, cache, prev_BTD)
+        the output of the head processed before it; for sequential ones, Emb of the token fed)."""
+        return self.head_kind.apply(head_params, z_BTD, positions_BT, segments_BT, cache, prev_BTD, feed_BTD=feed_BTD)
 
     def heads_hidden(
         self,
@@ -129,44 +132,90 @@ class MTP:
         positions_BT: jax.Array,
         segments_BT: jax.Array | None = None,
         cache: KVCache | None = None,
+        feed: Feed | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Every head's hidden state (N, B, T, D) in head order, and their caches: a lax.scan in the
-        kind's processing order that hands chained kinds the previous head's output."""
+        kind's processing order that hands chained kinds the previous head's output and sequential
+        kinds `feed(i, prev_BTD)`, the embedding of the token head i reads."""
         order = jnp.asarray(processing_order(self.head_kind, jax.tree.leaves(heads_params)[0].shape[0]))
         permute = lambda tree, idx: jax.tree.map(lambda x: x[idx], tree)
         chained = self.head_kind.chained
 
         def body(prev_BTD, xs):
-            h_BTD, c = self.head(xs[0], z_BTD, positions_BT, segments_BT, xs[1], prev_BTD if chained else None)
+            hp, c, i = xs
+            feed_BTD = None if feed is None else feed(i, prev_BTD)
+            h_BTD, c = self.head(hp, z_BTD, positions_BT, segments_BT, c, prev_BTD if chained else None, feed_BTD)
             return (h_BTD if chained else prev_BTD), (h_BTD, c)
 
-        _, (h_NBTD, cache) = jax.lax.scan(body, z_BTD, (permute(heads_params, order), permute(cache, order)))
+        _, (h_NBTD, cache) = jax.lax.scan(body, z_BTD, (permute(heads_params, order), permute(cache, order), order))
         back = jnp.argsort(order)
         return permute(h_NBTD, back), permute(cache, back)
 
+    def token_feed(self, shared: Params, tokens_BT: jax.Array, teacher_NBT: jax.Array | None = None) -> Feed | None:
+        """What a sequential head i (0-based) reads besides head i-1's output: Emb(x_{t+i}), the token
+        before its target. Training passes the true tokens (`teacher_NBT[i]`); decoding, which does not
+        know them yet, uses the fed token for head 0 and head i-1's argmax at t for the others."""
+        if not self.head_kind.reads_tokens:
+            return None
+
+        def feed(i: jax.Array, prev_BTD: jax.Array) -> jax.Array:
+            if teacher_NBT is not None:
+                return self.embed_rows(shared, teacher_NBT[i])
+            guess_BT = jnp.argmax(self.logits(shared, prev_BTD), axis=-1).astype(tokens_BT.dtype)
+            return self.embed_rows(shared, jnp.where(i == 0, tokens_BT, guess_BT))
+
+        return feed
+
+    def embed_rows(self, shared: Params, tokens_BT: jax.Array) -> jax.Array:
+        """Embedding lookup from `shared` (sequential kinds carry the table there, so its gradient
+        flows through the per-head loss like the unembedding's)."""
+        return jnp.take(shared["embed"], tokens_BT, axis=0).astype(self.dtype)
+
     def shared(self, params: Params) -> Params:
-        """The parameters every head shares: the final norm and the unembedding (D, V)."""
-        w_DV = params["embed"]["embedding"].T if self.cfg.tie_embeddings else params["unembed"]["kernel"]
-        return {"norm": params["norm"], "unembed": w_DV}
+        """The parameters every head shares: the final norm, the unembedding (D, V) (head 1's, for
+        kinds with their own), and for sequential kinds the embedding table."""
+        if self.head_kind.own_unembedding:
+            w_DV = params["heads"]["unembed"][0]
+        else:
+            w_DV = params["embed"]["embedding"].T if self.cfg.tie_embeddings else params["unembed"]["kernel"]
+        out = {"norm": params["norm"], "unembed": w_DV}
+        if self.head_kind.reads_tokens:
+            out["embed"] = params["embed"]["embedding"]
+        return out
+
+    def head_unembedding(self, shared: Params, head_params: Params | None) -> jax.Array:
+        """Head i's (D, V) unembedding: its own (replicated kind) or the shared one."""
+        return head_params["unembed"] if self.head_kind.own_unembedding and head_params is not None else shared["unembed"]
+
+    def draft_logits(self, params: Params, h_JBD: jax.Array) -> jax.Array:
+        """float32 logits (B, J, V) of heads 2..J+1 at one position each (decoding drafts)."""
+        shared = self.shared(params)
+        heads = jax.tree.map(lambda x: x[1 : h_JBD.shape[0] + 1], params["heads"])
+        logits_JBV = jax.vmap(lambda hp, h_BD: self.logits(shared, h_BD[:, None], hp)[:, 0])(heads, h_JBD)
+        return logits_JBV.swapaxes(0, 1)
 
     def final_norm(self, shared: Params, h_BTD: jax.Array) -> jax.Array:
         return nnx.merge(self.norm_def, shared["norm"])(h_BTD)
 
-    def logits(self, shared: Params, h_BTD: jax.Array) -> jax.Array:
-        """float32 logits; only for short sequences (decoding) or the naive reference path."""
+    def logits(self, shared: Params, h_BTD: jax.Array, head_params: Params | None = None) -> jax.Array:
+        """float32 logits; only for short sequences (decoding) or the naive reference path.
+        `head_params` (unstacked) picks that head's own unembedding where the kind has one."""
         hn_BTD = self.final_norm(shared, h_BTD)
-        return jnp.einsum("btd,dv->btv", hn_BTD, shared["unembed"].astype(hn_BTD.dtype), preferred_element_type=jnp.float32)
+        w_DV = self.head_unembedding(shared, head_params)
+        return jnp.einsum("btd,dv->btv", hn_BTD, w_DV.astype(hn_BTD.dtype), preferred_element_type=jnp.float32)
 
     def forward(
         self, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, segments_BT: jax.Array | None = None
     ) -> jax.Array:
-        """All heads' logits (N, B, T, V) at once: the simple path, memory O(N x T x V)."""
+        """All heads' logits (N, B, T, V) at once: the simple path, memory O(N x T x V). Sequential
+        heads read their previous head's argmax here, as in decoding (the loss feeds true tokens)."""
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         z_BTD, _ = self.trunk(params, tokens_BT, positions_BT, segments_BT)
         shared = self.shared(params)
-        h_NBTD, _ = self.heads_hidden(params["heads"], z_BTD, positions_BT, segments_BT)
-        return jnp.stack([self.logits(shared, h_BTD) for h_BTD in h_NBTD])
+        feed = self.token_feed(shared, tokens_BT)
+        h_NBTD, _ = self.heads_hidden(params["heads"], z_BTD, positions_BT, segments_BT, feed=feed)
+        return jnp.stack([self.logits(shared, h, head_slice(params["heads"], i)) for i, h in enumerate(h_NBTD)])
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict[str, KVCache | None]:
         """Zeroed KV caches for the trunk blocks and (transformer) heads, stacked on their leading axis."""
