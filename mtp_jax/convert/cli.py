@@ -3,6 +3,7 @@
   mtp-convert from-meta SRC_DIR RUN_DIR      consolidated.*.pth + params.json + tokenizer.model
   mtp-convert from-hf SRC_DIR RUN_DIR [--add-heads N]   safetensors + config.json + tokenizer
   mtp-convert to-hf RUN_DIR OUT_DIR          trunk + head 1 as LlamaForCausalLM, heads 2..n beside it
+  mtp-convert heads RUN_DIR NEW_RUN_DIR --keep K | --add-heads N   drop or add heads (NTP <-> MTP)
 
 A converted run directory is an ordinary one (config.yaml, tokenizer/, checkpoints/) whose
 checkpoint holds parameters only; mtp-eval and mtp-generate read it like any trained run.
@@ -22,6 +23,7 @@ import numpy as np
 
 from mtp_jax.config import Config, ModelConfig, validate
 from mtp_jax.convert import llama
+from mtp_jax.convert.heads import new_head_count, resize_heads, resized_config
 from mtp_jax.convert.safetensors_io import read_safetensors, read_safetensors_dir, write_safetensors
 from mtp_jax.convert.torch_zip import load_torch_file
 from mtp_jax.data.tokenizer import SPM_FILE, PretrainedTokenizer
@@ -213,6 +215,21 @@ def to_hf(run_dir: Path, out: Path) -> ModelConfig:
     return cfg
 
 
+def change_heads(run_dir: Path, new_dir: Path, keep: int | None, add: int | None) -> ModelConfig:
+    """`mtp-convert heads`: the newest checkpoint's parameters with heads dropped or added, as a new run."""
+    from mtp_jax.run import load_run, read_config
+
+    _, tokenizer, _, params = load_run(run_dir)
+    config = read_config(run_dir)  # as trained (load_run narrows the mesh to one device)
+    n_new = new_head_count(config.model.mtp_heads, keep, add)
+    cfg, notes = resized_config(config, n_new, str(new_dir))
+    params = {k: _numpy_tree(v) for k, v in params.items()}
+    save_run(new_dir, cfg, {**params, "heads": resize_heads(params["heads"], n_new)}, tokenizer)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return cfg.model
+
+
 def _numpy_tree(tree: dict) -> dict:
     return {k: _numpy_tree(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
 
@@ -239,14 +256,19 @@ def _export_tokenizer(tokenizer: object, out: Path) -> None:
 # --- run directory ----------------------------------------------------------------------------------
 def write_run(run_dir: Path, model_cfg: ModelConfig, params: dict, tokenizer: PretrainedTokenizer) -> None:
     """config.yaml, versions.json, tokenizer/ and a step-0 checkpoint holding the parameters only."""
+    cfg = Config(model=model_cfg)
+    cfg.data.tokenizer = "pretrained"
+    save_run(run_dir, cfg, params, tokenizer)
+
+
+def save_run(run_dir: Path, cfg: Config, params: dict, tokenizer: object) -> None:
+    """A run directory for `cfg` whose checkpoint (step 0) holds `params` only: mtp-train fine-tunes it."""
     from mtp_jax.checkpoint import Checkpointer
     from mtp_jax.run import write_run_files
 
     if (run_dir / "checkpoints").exists():
         raise UserError(f"'{run_dir}' already holds checkpoints; convert into a new directory")
-    cfg = Config(model=model_cfg)
-    cfg.data.tokenizer = "pretrained"
-    cfg.train.run_dir = str(run_dir)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir)))
     validate(cfg)
     write_run_files(run_dir, cfg)
     tokenizer.save(run_dir / "tokenizer")
@@ -273,6 +295,11 @@ def main(argv: list[str]) -> int:
     out = sub.add_parser("to-hf", help="run directory -> Hugging Face Llama folder (+ extra heads side file)")
     out.add_argument("run_dir", type=Path)
     out.add_argument("out_dir", type=Path)
+    resize = sub.add_parser("heads", help="run directory -> new run directory with fewer or more heads (NTP <-> MTP)")
+    resize.add_argument("run_dir", type=Path)
+    resize.add_argument("new_run_dir", type=Path)
+    resize.add_argument("--keep", type=int, default=None, help="keep heads 1..K (K = 1: the next-token model)")
+    resize.add_argument("--add-heads", type=int, default=None, help="add N heads, copies of the last one")
     args = parser.parse_args(argv)
     if args.command == "from-meta":
         cfg = from_meta(args.src, args.run_dir, args.tokenizer)
@@ -280,8 +307,11 @@ def main(argv: list[str]) -> int:
         if args.add_heads < 0:
             raise UserError(f"--add-heads={args.add_heads} must be >= 0")
         cfg = from_hf(args.src, args.run_dir, args.add_heads)
+    elif args.command == "heads":
+        cfg = change_heads(args.run_dir, args.new_run_dir, args.keep, args.add_heads)
     else:
         cfg = to_hf(args.run_dir, args.out_dir)
+    target = getattr(args, "out_dir", None) or getattr(args, "new_run_dir", None) or args.run_dir
     print(f"{args.command}: {cfg.n_layers} blocks, n = {cfg.mtp_heads} heads, d_model {cfg.d_model}, "
-          f"vocab {cfg.vocab_size} -> {getattr(args, 'out_dir', None) or args.run_dir}")
+          f"vocab {cfg.vocab_size} -> {target}")
     return 0
