@@ -157,13 +157,23 @@ def test_params_json_disagreeing_with_tensors(tmp_path, capsys, field, value, ex
     assert expect in line, line
 
 
-@pytest.mark.parametrize("field, value", [("model_type", "gpt2"), ("hidden_act", "gelu"), ("attention_bias", True)])
+@pytest.mark.parametrize("field, value", [("model_type", "gpt2"), ("hidden_act", "gelu"), ("attention_bias", True),
+                                          ("mlp_bias", True), ("rope_scaling", {"rope_type": "linear", "factor": 2.0})])
 def test_unsupported_architecture_names_the_field(tmp_path, capsys, field, value):
     src = _copy("hf_tiny", tmp_path)
     config = json.loads((src / "config.json").read_text())
     config[field] = value
     (src / "config.json").write_text(json.dumps(config))
     assert f"config.json field {field}={value!r} is not supported" in _error(capsys, ["from-hf", str(src), str(tmp_path / "r")])
+
+
+def test_side_file_missing_a_head_tensor_is_named(tmp_path, capsys):
+    """An extra-heads side file whose n_future_tokens promises a head it does not hold."""
+    src = _copy("hf_tiny", tmp_path)
+    write_safetensors(src / "mtp_heads.safetensors", {"extra_heads.0.attention_norm.weight": np.ones(32, np.float32)},
+                      {"n_future_tokens": "2", "rope_layout": "half"})
+    line = _error(capsys, ["from-hf", str(src), str(tmp_path / "r")])
+    assert "mtp_heads.safetensors" in line and "lacks tensor 'extra_heads.0." in line, line
 
 
 @pytest.mark.slow
