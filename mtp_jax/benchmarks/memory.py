@@ -6,7 +6,7 @@ wall-clock of one loss-and-gradient call at n = 4 for both paths, measured in th
 for one attention implementation: linear attention memory shows as x2 per doubling of T.
 Prints one JSON object as its last line.
 
-    python -m mtp_jax.benchmarks.memory [--heads 1,2,4,8] [--d-model 512] [--seq 1024] ...
+    python -m mtp_jax.benchmarks.memory [--heads 1,2,4,8] [--d-model 512] [--seq 1024] [--head-type sequential] ...
     python -m mtp_jax.benchmarks.memory --seq-sweep [--attention auto] [--seqs 1024,2048,4096,8192]
 """
 
@@ -21,9 +21,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.config import ModelConfig
+from mtp_jax.config import BLOCK_HEADS, ModelConfig
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model.attention import IMPLEMENTATIONS, resolve
+from mtp_jax.model.heads import HEAD_KINDS
 from mtp_jax.model.transformer import MTP
 
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--time-heads", type=int, default=4, help="head count for the timing comparison (0 = skip)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS)
+    ap.add_argument("--head-type", default="transformer", choices=HEAD_KINDS)
     ap.add_argument("--seq-sweep", action="store_true",
                     help="temp bytes over --seqs at the issue-12 shape (defaults below apply unless given)")
     ap.add_argument("--seqs", default="1024,2048,4096,8192")
@@ -104,8 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def model_cfg(n: int) -> ModelConfig:
         return ModelConfig(
-            vocab_size=args.vocab, d_model=args.d_model, n_layers=args.trunk_layers + n,
-            attn_heads=args.attn_heads, mtp_heads=n, attention=args.attention,
+            vocab_size=args.vocab, d_model=args.d_model, attn_heads=args.attn_heads, mtp_heads=n,
+            n_layers=args.trunk_layers + (n if args.head_type in BLOCK_HEADS else 0),
+            attention=args.attention, head_type=args.head_type,
         )
 
     if args.seq_sweep:
