@@ -19,9 +19,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mtp_jax import distributed, interrupts, lock, sharding
-from mtp_jax.checkpoint import Checkpointer
+from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data import pipeline
+from mtp_jax.errors import EXIT_USER, full_disk_errno, full_disk_error
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
@@ -130,11 +131,24 @@ def train(cfg: Config) -> dict:
     tcfg = cfg.train
     ckpt = Checkpointer(run_dir / "checkpoints", tcfg.keep_checkpoints, tcfg.checkpoint_every, tcfg.async_checkpoint)
     try:
-        return _train(cfg, run_dir, ckpt)
+        with quiet_save_failures():
+            result = _train(cfg, run_dir, ckpt)
+            ckpt.wait()  # the last async save's failure (full disk) surfaces here, inside the handlers below
+            return result
     except KeyboardInterrupt:
         pause_point("interrupted")
         ckpt.settle(SETTLE_S)  # Ctrl-C starts no save; one in flight commits within SETTLE_S or is deleted
         interrupts.exit_interrupted()
+    except ConfigError as err:
+        if ckpt.failed:  # a full disk mid-save: Orbax's failed threads must not be waited on or torn down
+            interrupts.exit_now(str(err), EXIT_USER)
+        raise
+    except OSError as err:  # a full disk writing metrics, config or evaluations (the checkpoint's is handled above)
+        code = full_disk_errno(err)
+        if code is None:
+            raise
+        what, folder = (Path(err.filename).name, Path(err.filename).parent) if err.filename else ("a file", run_dir)
+        raise full_disk_error(code, folder, what) from None
     finally:
         ckpt.wait()
         ckpt.close()

@@ -141,6 +141,13 @@ def yaml_file(tmp: Path, text: str) -> str:
     return str(tmp / "exp.yaml")
 
 
+def full_disk_at(run: Path, name: str) -> Path:
+    """Points one of the run's files at /dev/full, where every write fails with ENOSPC: a real full disk."""
+    (run / name).unlink()
+    (run / name).symlink_to("/dev/full")
+    return run
+
+
 def file_at(tmp: Path) -> Path:
     (tmp / "f").write_text("x")
     return tmp / "f"
@@ -175,6 +182,9 @@ BAD_INPUTS = {
                                         ["data.max_bytes 300000 -> 200000", "train.allow_data_change=true"]),
     "resume without tokenizer/": (
         lambda t, d: train_args(shutil.rmtree(copy_run(d, t) / "tokenizer") or t / "run"), ["no tokenizer/", "backup"]),
+    "disk full writing the run's files": (lambda t, d: train_args(full_disk_at(copy_run(d, t), "versions.json")),
+                                          ["cannot write a file in", "no space left on device", "GiB free there",
+                                           "free space there"]),
     "corrupt tokenizer.json": (
         lambda t, d: ["eval", str((lambda r: (r / "tokenizer" / "tokenizer.json").write_text("{not json") and r)(
             copy_run(d, t)))], ["tokenizer", "is unreadable", "restore tokenizer/"]),
