@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import signal
 import sys
 import time
@@ -84,6 +85,22 @@ def _unreadable_data() -> Iterator[None]:
         raise ConfigError(f"cannot read {err.filename} (permission denied); fix its permissions or data.path") from None
 
 
+_TENSORSTORE_READ = re.compile(r'^[A-Z_]+: Error reading .*? in local file "([^"]+)": (.*)$')
+
+
+def _damaged_data(error: ValueError, data_path: str) -> ConfigError | None:
+    """A truncated or corrupt shard of prepared data (TensorStore cannot read it) is the user's to replace."""
+    found = _TENSORSTORE_READ.match(str(error).splitlines()[0] if str(error) else "")
+    if not found or not data_path or "://" in data_path:
+        return None
+    file = Path(found.group(1)).resolve()
+    if not file.is_relative_to(Path(data_path).resolve()):
+        return None
+    reason = found.group(2).split(": ")[-1]
+    return ConfigError(f"cannot read {file} in data.path={data_path}: it is damaged ({reason}); prepare the data "
+                       f"again (mtp-prepare) or restore that file from a backup")
+
+
 def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, Any]:
     """Validates everything that can be checked against RUN_DIR before writing to it; returns the config
     (vocab resolved) and the tokenizer. A resume needs its tokenizer/; a run with no checkpoint starts afresh."""
@@ -143,6 +160,11 @@ def train(cfg: Config) -> dict:
         if ckpt.failed:  # a full disk mid-save: Orbax's failed threads must not be waited on or torn down
             interrupts.exit_now(str(err), EXIT_USER)
         raise
+    except ValueError as err:  # not a UserError (handled above): TensorStore's read errors are ValueErrors
+        damaged = _damaged_data(err, cfg.data.path)
+        if damaged is None:
+            raise
+        raise damaged from None
     except OSError as err:  # a full disk writing metrics, config or evaluations (the checkpoint's is handled above)
         code = full_disk_errno(err)
         if code is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_failures import QUICKSTART, error_lines
+from test_failures import QUICKSTART, command, error_lines
 from test_train import TINY, checkpoint_steps, finish, mtp_train
 
 from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
@@ -167,3 +167,23 @@ def test_permission_denied_is_one_line_exit_2(case: str, tmp_path: Path) -> None
     lines = [line for line in done.stderr.splitlines() if not line.startswith(("warning:", "note:", "mesh "))]
     assert done.returncode == EXIT_USER and lines == error_lines(done.stderr) and len(lines) == 1, done.stderr[-3000:]
     assert all(w in lines[0] for w in words), (lines[0], words)
+
+
+@pytest.mark.slow
+def test_damaged_prepared_shard_is_one_line_exit_2(tmp_path: Path) -> None:
+    """A truncated shard of mtp-prepare's store (ArrayRecord's successor): TensorStore cannot read it."""
+    from test_prepare import write_corpus, yaml_for
+
+    from mtp_jax.data import prepare
+
+    write_corpus(tmp_path / "corpus", count=200)
+    prepare.prepare(str(yaml_for(tmp_path, tmp_path / "corpus", tokenizer="bytes")), str(tmp_path / "out"),
+                    progress=False)
+    shard = tmp_path / "out" / "parts" / "00000-of-00001" / "train" / "tokens" / "c" / "0"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    done = command(*TRAIN, f"train.run_dir={tmp_path / 'run'}", "data.source=prepared",
+                     f"data.path={tmp_path / 'out'}", "data.tokenizer=bytes", cwd=tmp_path)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith(("warning:", "note:", "mesh "))]
+    assert done.returncode == EXIT_USER and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"error: cannot read {shard} in data.path={tmp_path / 'out'}: it is damaged (")
+    assert "prepare the data again (mtp-prepare)" in lines[0]
