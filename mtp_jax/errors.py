@@ -64,7 +64,17 @@ def full_disk_error(code: int, directory: str | Path, what: str, left: str = "")
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         free += f", files limited to {limit} bytes" if limit != resource.RLIM_INFINITY else ""
     return UserError(f"cannot write {what} in {directory}: {FULL_DISK[code]} ({free}){left}; free space there, raise "
-                     f"the quota or `ulimit -f`, or choose another train.run_dir; then rerun to resume")
+                     f"the quota or `ulimit -f`, or choose another directory (train.run_dir); then rerun")
+
+
+def full_disk_write_error(error: OSError, directory: Path) -> UserError | None:
+    """The one line for an OSError that is a full disk, else None. `directory`: where the command was writing,
+    named when the error carries no file name (a failed flush)."""
+    code = full_disk_errno(error)
+    if code is None:
+        return None
+    what, folder = (Path(error.filename).name, Path(error.filename).parent) if error.filename else ("a file", directory)
+    return full_disk_error(code, folder, what)
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -75,11 +85,17 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
-    """Wraps a command's main: user errors and divergence become one line and their exit status."""
+    """Wraps a command's main: user errors, a full disk and divergence become one line and their exit status."""
 
     def run(argv: list[str] | None = None) -> int:
         try:
             return main(sys.argv[1:] if argv is None else argv)
+        except OSError as err:  # only a full disk (every other OSError keeps its traceback, or is a UserError first)
+            full = full_disk_write_error(err, Path.cwd())
+            if full is None:
+                raise
+            print(f"error: {full}", file=sys.stderr)
+            raise SystemExit(EXIT_USER) from None
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(EXIT_USER) from None

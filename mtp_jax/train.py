@@ -23,7 +23,7 @@ from mtp_jax import distributed, interrupts, lock, sharding
 from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data import pipeline
-from mtp_jax.errors import EXIT_USER, full_disk_errno, full_disk_error
+from mtp_jax.errors import EXIT_USER, full_disk_write_error
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
@@ -165,12 +165,11 @@ def train(cfg: Config) -> dict:
         if damaged is None:
             raise
         raise damaged from None
-    except OSError as err:  # a full disk writing metrics, config or evaluations (the checkpoint's is handled above)
-        code = full_disk_errno(err)
-        if code is None:
+    except OSError as err:  # a full disk writing config, metrics or evaluations (a checkpoint's is handled above)
+        full = full_disk_write_error(err, run_dir)
+        if full is None:
             raise
-        what, folder = (Path(err.filename).name, Path(err.filename).parent) if err.filename else ("a file", run_dir)
-        raise full_disk_error(code, folder, what) from None
+        raise full from None
     finally:
         ckpt.wait()
         ckpt.close()

@@ -19,7 +19,7 @@ from test_failures import QUICKSTART, command, error_lines
 from test_train import TINY, checkpoint_steps, finish, mtp_train
 
 from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
-from mtp_jax.errors import EXIT_USER, UserError, full_disk_errno, full_disk_error
+from mtp_jax.errors import EXIT_USER, UserError, full_disk_errno, full_disk_error, guarded
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
 PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the forked child must not load libraries
@@ -42,7 +42,26 @@ def test_full_disk_errors_are_recognised_in_any_wrapping(tmp_path: Path) -> None
     assert [full_disk_errno(error) for error, _ in cases] == [want for _, want in cases]
     message = str(full_disk_error(errno.ENOSPC, tmp_path / "not" / "yet", "config.yaml"))
     assert f"cannot write config.yaml in {tmp_path / 'not' / 'yet'}: no space left on device" in message
-    assert free_gib(tmp_path) in message and "choose another train.run_dir" in message
+    assert free_gib(tmp_path) in message and "choose another directory" in message
+
+
+def test_every_command_reports_a_full_disk_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """errors.guarded (every command's wrapper): a real ENOSPC from /dev/full; other OSErrors keep their traceback."""
+    monkeypatch.chdir(tmp_path)
+
+    @guarded
+    def command_writing(argv: list[str]) -> int:
+        Path(argv[0]).write_text("x" * 10)  # the flush at close fails: an OSError without a file name
+        return 0
+
+    with pytest.raises(SystemExit) as exited:
+        command_writing(["/dev/full"])
+    assert exited.value.code == EXIT_USER
+    assert capsys.readouterr().err == (f"error: cannot write a file in {tmp_path}: no space left on device "
+                                       f"({free_gib(tmp_path)}); free space there, raise the quota or `ulimit -f`, "
+                                       f"or choose another directory (train.run_dir); then rerun\n")
+    with pytest.raises(FileNotFoundError):
+        command_writing([str(tmp_path / "missing" / "file")])
 
 
 @pytest.fixture
