@@ -184,8 +184,8 @@ BAD_INPUTS = {
     "resume without tokenizer/": (
         lambda t, d: train_args(shutil.rmtree(copy_run(d, t) / "tokenizer") or t / "run"), ["no tokenizer/", "backup"]),
     "disk full writing the run's files": (lambda t, d: train_args(full_disk_at(copy_run(d, t), "versions.json")),
-                                          ["cannot write a file in /", "/run: no space left on device", "GiB free there",
-                                           "free space there"]),
+                                          ["cannot write a file in /", "/run: no space left on device",
+                                           "GiB free there", "free space there"]),
     "corrupt tokenizer.json": (
         lambda t, d: ["eval", str((lambda r: (r / "tokenizer" / "tokenizer.json").write_text("{not json") and r)(
             copy_run(d, t)))], ["tokenizer", "is unreadable", "restore tokenizer/"]),

@@ -32,8 +32,8 @@ def free_gib(folder: Path) -> str:
 
 
 def test_full_disk_errors_are_recognised_in_any_wrapping(tmp_path: Path) -> None:
-    tensorstore = ValueError('OUT_OF_RANGE: Error writing "x" in OCDBT database: Failed to write 620986 bytes to file 8: '
-                             "File too large [os_error_code='27']")
+    tensorstore = ValueError('OUT_OF_RANGE: Error writing "x" in OCDBT database: Failed to write 620986 bytes to '
+                             "file 8: File too large [os_error_code='27']")
     wrapped = RuntimeError("save failed")
     wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
     cases = [(OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC), (tensorstore, errno.EFBIG),
