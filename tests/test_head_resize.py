@@ -25,10 +25,10 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 250, (2, 10)), jnp.int
 
 def make_run(run_dir: Path, n: int) -> tuple[MTP, dict]:
     """A run directory holding random weights (params only, as a converted run)."""
-    cfg = load_config(None, ["model.d_model=32", f"model.n_layers={2 + n}", "model.attn_heads=2", f"model.mtp_heads={n}",
-                             "model.dtype=float32", "data.tokenizer=bytes", "data.max_bytes=200000",
-                             "train.batch_size=2", "train.seq_len=16", "train.progress=false", "train.tensorboard=false",
-                             "train.eval_batches=1", "optim.warmup_steps=1"])
+    cfg = load_config(None, ["model.d_model=32", f"model.n_layers={2 + n}", "model.attn_heads=2",
+                             f"model.mtp_heads={n}", "model.dtype=float32", "data.tokenizer=bytes",
+                             "data.max_bytes=200000", "train.batch_size=2", "train.seq_len=16", "train.progress=false",
+                             "train.tensorboard=false", "train.eval_batches=1", "optim.warmup_steps=1"])
     cfg = resolve_vocab(cfg, ByteTokenizer().vocab_size)
     mtp = MTP(cfg.model)
     params = jax.tree.map(np.asarray, mtp.init(jax.random.key(n)))

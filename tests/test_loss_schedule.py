@@ -51,7 +51,8 @@ def reference_weights(n: int, step: int, base=(), schedule="constant", lam=(0.3,
 CASES = [
     ({}, {}),
     ({"train.loss_schedule": "linear"}, {"schedule": "linear"}),
-    ({"train.loss_schedule": "linear", "train.loss_weights": "[2, 1, 1, 0.5]"}, {"schedule": "linear", "base": (2, 1, 1, .5)}),
+    ({"train.loss_schedule": "linear", "train.loss_weights": "[2, 1, 1, 0.5]"},
+     {"schedule": "linear", "base": (2, 1, 1, .5)}),
     ({"train.loss_schedule": "deepseek", "train.loss_lambda_step": 7}, {"schedule": "deepseek", "lam_step": 7}),
     ({"train.loss_schedule": "deepseek"}, {"schedule": "deepseek"}),
     ({"train.loss_schedule": "deepseek", "train.loss_lambda_start": 0.5, "train.loss_lambda_end": 0.2,
@@ -90,7 +91,8 @@ def test_train_step_uses_the_weights_of_its_step():
     mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
     fns = StepFns(mtp, optax.sgd(1.0), cfg.train, mesh, sharding.rules_dict(cfg.mesh.rules))
     rng = np.random.default_rng(0)
-    batch = {"tokens": jnp.asarray(rng.integers(0, 32, (2, 11)), jnp.int32), "segment_ids": jnp.ones((2, 11), jnp.int32)}
+    batch = {"tokens": jnp.asarray(rng.integers(0, 32, (2, 11)), jnp.int32),
+             "segment_ids": jnp.ones((2, 11), jnp.int32)}
     state = fns.init(jax.random.key(0))
     old = jax.device_get(state["params"]["heads"])
     state = {**state, "step": jnp.asarray(1, jnp.int32)}

@@ -49,7 +49,8 @@ def resized_config(cfg: Config, n_new: int, run_dir: str) -> tuple[Config, list[
         weights = []
     seq_len = t.seq_len
     if seq_len < 2 * n_new:
-        raise UserError(f"train.seq_len={seq_len} is too short for {n_new} heads; fine-tune with seq_len >= {2 * n_new}")
+        raise UserError(f"train.seq_len={seq_len} is too short for {n_new} heads; "
+                        f"fine-tune with seq_len >= {2 * n_new}")
     model = dataclasses.replace(m, mtp_heads=n_new, n_layers=n_layers)
     train = dataclasses.replace(t, run_dir=run_dir, loss_weights=weights)
     return dataclasses.replace(cfg, model=model, train=train), notes

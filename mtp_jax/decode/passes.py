@@ -55,7 +55,8 @@ def forward_step(
     run = mtp.cfg.mtp_heads if getattr(mtp.head_kind, "reverse", False) else heads  # anticausal: head 1 reads all
     first = lambda tree: _heads_slice(tree, 0, run)
     feed = mtp.token_feed(mtp.shared(params), tokens_BT)  # sequential kinds: the fed token, then argmaxes
-    h_NBTD, head_cache = mtp.heads_hidden(first(params["heads"]), z_BTD, positions_BT, None, first(cache["heads"]), feed)
+    h_NBTD, head_cache = mtp.heads_hidden(first(params["heads"]), z_BTD, positions_BT, None, first(cache["heads"]),
+                                          feed)
     return h_NBTD[:heads], _set_heads({"trunk": trunk_cache, "heads": cache["heads"]}, 0, head_cache)
 
 

@@ -76,7 +76,8 @@ class TransformerHeads:
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: Block(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None, feed_BTD=None):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None,
+              feed_BTD=None):
         return nnx.merge(self.block_def, params_i)(z_BTD, positions_BT, segments_BT, cache, tree_mask_BTS)
 
     def write_cache(self, params_i, z_BTD, positions_BT, cache):
@@ -102,7 +103,8 @@ class LinearHeads:
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: LinearProjection(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None, feed_BTD=None):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None,
+              feed_BTD=None):
         return z_BTD @ params_i["kernel"].astype(z_BTD.dtype), cache
 
     def write_cache(self, params_i, z_BTD, positions_BT, cache):
@@ -117,7 +119,8 @@ class ChainedHeads(TransformerHeads):
     chained = True
     reverse = False
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None, feed_BTD=None):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None,
+              feed_BTD=None):
         x_BTD = z_BTD if prev_BTD is None else prev_BTD
         return nnx.merge(self.block_def, params_i)(x_BTD, positions_BT, segments_BT, cache, tree_mask_BTS)
 
@@ -159,7 +162,8 @@ class SequentialHeads(ChainedHeads):
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: SequentialModule(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None, feed_BTD=None):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None,
+              feed_BTD=None):
         x_BTD = z_BTD if prev_BTD is None else prev_BTD
         module = nnx.merge(self.module_def, params_i)
         return module(x_BTD, feed_BTD, positions_BT, segments_BT, cache, tree_mask_BTS)
@@ -179,7 +183,8 @@ class ReplicatedHeads(LinearHeads):
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: Unembedding(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
-    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None, feed_BTD=None):
+    def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None,
+              feed_BTD=None):
         return z_BTD, cache
 
 

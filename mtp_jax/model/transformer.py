@@ -185,7 +185,8 @@ class MTP:
 
     def head_unembedding(self, shared: Params, head_params: Params | None) -> jax.Array:
         """Head i's (D, V) unembedding: its own (replicated kind) or the shared one."""
-        return head_params["unembed"] if self.head_kind.own_unembedding and head_params is not None else shared["unembed"]
+        own = self.head_kind.own_unembedding and head_params is not None
+        return head_params["unembed"] if own else shared["unembed"]
 
     def draft_logits(self, params: Params, h_JBD: jax.Array) -> jax.Array:
         """float32 logits (B, J, V) of heads 2..J+1 at one position each (decoding drafts)."""
