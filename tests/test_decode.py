@@ -286,6 +286,18 @@ def test_verify_pass_equals_feeding_tokens_one_at_a_time(mtp, models, model, red
         np.testing.assert_allclose(np.asarray(drafts_BJV[b]), ref_NKV[1:, a], atol=1e-4)
 
 
+@pytest.mark.parametrize("reduced", [False, True])
+def test_linear_heads_speculative_equals_no_cache_greedy(reduced):
+    """Linear heads keep no cache: the wide pass vmaps them without one, the reduced pass projects
+    z at the last accepted position (`LinearHeads.apply_at`)."""
+    from test_head_kinds import _mtp, _params, _uncached_greedy
+
+    mtp = _mtp("linear")
+    params, prompts = _params(mtp, seed=3), [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11]]
+    spec = speculative_generate(mtp, params, prompts, mtp.cfg.mtp_heads, 10, reduced=reduced)
+    assert spec.completions() == _uncached_greedy(mtp, params, prompts, 10)
+
+
 @pytest.mark.parametrize("model", ["random", "partial", "trained"])
 def test_tree_equals_greedy_in_a_batch(mtp, models, greedy_runs, model):
     stop, greedy = greedy_runs[model]
