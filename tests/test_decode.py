@@ -286,6 +286,7 @@ def test_verify_pass_equals_feeding_tokens_one_at_a_time(mtp, models, model, red
         np.testing.assert_allclose(np.asarray(drafts_BJV[b]), ref_NKV[1:, a], atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduced", [False, True])
 def test_linear_heads_speculative_equals_no_cache_greedy(reduced):
     """Linear heads keep no cache: the wide pass vmaps them without one, the reduced pass projects
