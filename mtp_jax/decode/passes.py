@@ -1,14 +1,16 @@
 """The cached forward passes of decoding: trunk and heads over fed tokens, writing the KV caches.
 
-A verify pass needs head 1 at every fed position (the target distributions), but heads 2..k
-only at ONE position, the last accepted one, to draft the next tokens. At the other fed
-positions those heads only need their key/value entries, so that later queries can attend to
-them. `verify_pass` therefore runs the trunk and head 1 on the fed tokens and, once the
-accepted count is known, heads 2..k write their entries at every fed position (`write_cache`,
-no attention or MLP) and run one query position against their caches. The entries they write
-are what running them fully would write (same z, same positions), so the outputs are
-unchanged. Chained head kinds (head i reads head i-1's output) cannot skip head i-1's output
-at any position; they fall back to the full pass (`forward_step` with every head).
+A verify pass needs head 1 at every fed position (the target distributions) but heads 2..k only
+at ONE position, the last accepted one, to draft the next tokens; at the other fed positions
+those heads only need their key/value entries, so that later queries can attend to them.
+`verify_pass` offers two ways to get exactly that. The wide pass runs every head at every fed
+position side by side and unembeds all of them at once: every weight is read once per pass,
+which is the cost of a memory-bound batch-1 pass (measured cheapest at batch 1). The reduced pass
+runs the trunk and head 1 on the fed tokens and, once the accepted count is known, each head 2..k
+writes its entries at every fed position and computes one query (`HeadKind.apply_at`): fewer
+FLOPs, one more unembedding read. Both write the entries a one-token-at-a-time pass would write
+(same z, same positions), so outputs are unchanged. Chained head kinds (head i reads head i-1's
+output) always take the wide pass, one head after another (`forward_step`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ token length - 1 is not fed yet; heads 2..k proposed k - 1 drafts for positions
 length .. length + k - 2 from z at position length - 2, drawn from distributions q.
 
 A pass feeds [token length - 1, drafts] at positions length - 1 .. length + k - 2, writing
-every cache there (`passes.verify_pass`: the trunk and head 1 run there, heads 2..k only write
-their key/value entries and run at the last accepted position). Head 1 then gives the target distribution p at each fed position; the
+every cache there (`passes.verify_pass`, wide or reduced). Head 1 then gives the target
+distribution p at each fed position; the
 drafts are accepted left to right (`verify`), the first rejected one replaced by a corrected
 token (or, all accepted, a bonus token follows), so a pass yields 1..k tokens. Fresh drafts
 come from heads 2..k at the last accepted position, whose z (like every z before it) now
