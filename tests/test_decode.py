@@ -170,7 +170,8 @@ def test_speculative_equals_greedy_in_bf16(cfg, models):
     for name in ("partial", "trained"):
         greedy = generate(mtp16, models[name], prompts, MAX_NEW)
         for k in (2, N):
-            assert speculative_generate(mtp16, models[name], prompts, k, MAX_NEW).completions() == greedy.completions(), (name, k)
+            spec = speculative_generate(mtp16, models[name], prompts, k, MAX_NEW)
+            assert spec.completions() == greedy.completions(), (name, k)
 
 
 def test_trained_heads_accept_drafts(mtp, models):
@@ -214,7 +215,8 @@ def jitted_reference_caches(mtp: MTP):
             trunk.append(kv(layer(params["trunk"], i), x_BTD))
             x_BTD = ref_block(layer(params["trunk"], i), x_BTD, one_document, cfg)
         heads = [kv(layer(params["heads"], i), x_BTD) for i in range(cfg.mtp_heads)]
-        return {name: KVCache(*(jnp.stack(xs) for xs in zip(*kvs))) for name, kvs in (("trunk", trunk), ("heads", heads))}
+        stack = lambda kvs: KVCache(*(jnp.stack(xs) for xs in zip(*kvs)))
+        return {"trunk": stack(trunk), "heads": stack(heads)}
 
     return jax.jit(caches)
 
@@ -239,7 +241,8 @@ def test_caches_hold_only_verified_entries(mtp, models, model, decoder):
     out_len = np.asarray(prog.length_B)
     outputs = np.maximum(np.asarray(prog.tokens_BS)[:, : out_len.max()], 0)  # PAD -> 0 past each length
     want = jitted_reference_caches(mtp)(params, outputs)
-    for got_leaf, want_leaf in zip(jax.tree.leaves((cache["trunk"], cache["heads"])), jax.tree.leaves((want["trunk"], want["heads"]))):
+    got_leaves = jax.tree.leaves((cache["trunk"], cache["heads"]))
+    for got_leaf, want_leaf in zip(got_leaves, jax.tree.leaves((want["trunk"], want["heads"]))):
         for b, n in enumerate(out_len - 1):  # axes: (layer or head, batch, slot, ...)
             np.testing.assert_allclose(np.asarray(got_leaf)[:, b, :n], np.asarray(want_leaf)[:, b, :n], atol=2e-5)
 

@@ -141,7 +141,8 @@ def wall_clock(mtp: MTP, params: Any, prompts: np.ndarray, new_tokens: int, ks: 
                     "tokens_per_pass_with_prefill": round(new / passes, 3)} if name == "tree"
                    else acceptance(mtp, params, prompts, last[name], int(name[2:])))
         report[name] = {**figures, "speedup": speedup(range(len(rows))), "speedup_kept": speedup(keep),
-                        "cpu_time_speedup": speedup(range(len(rows)), "cpu"), "cpu_time_speedup_kept": speedup(keep, "cpu"),
+                        "cpu_time_speedup": speedup(range(len(rows)), "cpu"),
+                        "cpu_time_speedup_kept": speedup(keep, "cpu"),
                         "matches_greedy": [r.completions()[0] for r in last[name]] == reference}
         print(f"{name}: {report[name]}", file=sys.stderr)
     return report
@@ -245,7 +246,8 @@ def main(argv: list[str]) -> int:
                               "num_prompts": args.num_prompts, "heads": heads, "ks": ks}
     if not args.cost_only:
         report["decoding"] = wall_clock(mtp, params, prompts, args.new_tokens, ks, args.rounds, widths)
-    models = {"trained": (mtp, params)} | {name: (MTP(c), None) for name, c in cost_models(cfg.model, args.large).items()}
+    randoms = cost_models(cfg.model, args.large)
+    models = {"trained": (mtp, params)} | {name: (MTP(c), None) for name, c in randoms.items()}
     report["pass_cost"] = {}
     for name, (model, weights) in models.items():
         weights = weights if weights is not None else random_params(model, 0)

@@ -129,7 +129,8 @@ def sample_next(key: jax.Array, logits_BV: jax.Array, sampling: Sampling, mode: 
 
 
 @functools.partial(jax.jit, static_argnames=("mtp", "max_new", "mode"), donate_argnames=("cache",))
-def _generate(mtp: MTP, params: Params, cache: Cache, logits_BNV: jax.Array, prompt_BP: jax.Array, prompt_len_B: jax.Array,
+def _generate(mtp: MTP, params: Params, cache: Cache, logits_BNV: jax.Array, prompt_BP: jax.Array,
+              prompt_len_B: jax.Array,
               stop_X: jax.Array, key: jax.Array, sampling: Sampling, *, max_new: int,
               mode: str) -> tuple[Progress, jax.Array, Cache]:
     """(progress, forward passes, caches) after the prefill: one token per sequence per pass,

@@ -108,4 +108,5 @@ def speculative_generate(mtp: MTP, params: Params, prompts: Sequence[Sequence[in
     n = mtp.cfg.mtp_heads
     if not 1 <= k <= n:
         raise ConfigError(f"speculative k={k} must be between 1 and the model's {n} heads")
-    return run_decoder(_speculate, {"k": k, "reduced": reduced}, mtp, params, prompts, max_new_tokens, sampling, seed, stop_tokens)
+    return run_decoder(_speculate, {"k": k, "reduced": reduced}, mtp, params, prompts, max_new_tokens, sampling, seed,
+                       stop_tokens)

@@ -124,7 +124,8 @@ class ChainedHeads(TransformerHeads):
         return nnx.merge(self.block_def, params_i)(x_BTD, positions_BT, segments_BT, cache, tree_mask_BTS)
 
     def write_cache(self, *args):
-        raise ValueError("chained heads have no reduced verify pass: their cache entries need the previous head's output")
+        raise ValueError("chained heads have no reduced verify pass: their cache entries need the previous head's "
+                         "output")
 
     apply_at = write_cache
 
