@@ -138,12 +138,15 @@ def trunk_and_first_head(mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.
 def prefill(mtp: MTP, params: Params, prompt_BP: jax.Array, prompt_len_B: jax.Array, *,
             slots: int) -> tuple[jax.Array, Cache]:
     """Every head's logits (B, N, V) at each prompt's last token, and caches of `slots` slots
-    holding the prompts: heads 2..n run at that token only, so plain and speculative decoding of
-    the same shapes share this compiled function."""
+    holding the prompts: heads 2..n run at that token only (chained kinds: every head everywhere),
+    so plain and speculative decoding of the same shapes share this compiled function."""
     b, p = prompt_BP.shape
     positions_BP = jnp.broadcast_to(jnp.arange(p), (b, p))
-    z_BPD, h_BPD, cache = trunk_and_first_head(mtp, params, mtp.init_cache(b, slots), prompt_BP, positions_BP)
     last_B = prompt_len_B - 1
+    if mtp.head_kind.chained:
+        h_NBPD, cache = forward_step(mtp, params, mtp.init_cache(b, slots), prompt_BP, positions_BP, mtp.cfg.mtp_heads)
+        return logits(mtp, params, at_index(h_NBPD, last_B).swapaxes(0, 1)), cache
+    z_BPD, h_BPD, cache = trunk_and_first_head(mtp, params, mtp.init_cache(b, slots), prompt_BP, positions_BP)
     first_B1V = logits(mtp, params, at_index(h_BPD[None], last_B)[0][:, None])
     later_BJV, cache = later_heads(mtp, params, cache, z_BPD, positions_BP, last_B, mtp.cfg.mtp_heads)
     return jnp.concatenate([first_B1V, later_BJV], axis=1), cache
