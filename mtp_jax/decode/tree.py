@@ -27,7 +27,7 @@ from mtp_jax.config import ConfigError
 from mtp_jax.decode.generate import (
     Progress, Result, Sampling, append, last_token, logits, run_decoder, sample_next, start,
 )
-from mtp_jax.decode.passes import Cache, at_index, later_heads, trunk_and_first_head
+from mtp_jax.decode.passes import Cache, later_heads, trunk_and_first_head
 from mtp_jax.model.layers import KVCache
 from mtp_jax.model.transformer import MTP, Params
 
