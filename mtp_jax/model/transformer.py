@@ -188,12 +188,16 @@ class MTP:
         own = self.head_kind.own_unembedding and head_params is not None
         return head_params["unembed"] if own else shared["unembed"]
 
-    def draft_logits(self, params: Params, h_JBD: jax.Array) -> jax.Array:
-        """float32 logits (B, J, V) of heads 2..J+1 at one position each (decoding drafts)."""
+    def heads_logits(self, params: Params, h_NBTD: jax.Array, first: int = 0) -> jax.Array:
+        """float32 logits (N, B, T, V) of heads first+1..first+N (decoding): one einsum over the
+        shared unembedding (each weight read once), or each head's own where the kind has one."""
         shared = self.shared(params)
-        heads = jax.tree.map(lambda x: x[1 : h_JBD.shape[0] + 1], params["heads"])
-        logits_JBV = jax.vmap(lambda hp, h_BD: self.logits(shared, h_BD[:, None], hp)[:, 0])(heads, h_JBD)
-        return logits_JBV.swapaxes(0, 1)
+        if not self.head_kind.own_unembedding:
+            hn_NBTD = self.final_norm(shared, h_NBTD)
+            w_DV = shared["unembed"].astype(hn_NBTD.dtype)
+            return jnp.einsum("nbtd,dv->nbtv", hn_NBTD, w_DV, preferred_element_type=jnp.float32)
+        heads = jax.tree.map(lambda x: x[first : first + h_NBTD.shape[0]], params["heads"])
+        return jax.vmap(lambda hp, h_BTD: self.logits(shared, h_BTD, hp))(heads, h_NBTD)
 
     def final_norm(self, shared: Params, h_BTD: jax.Array) -> jax.Array:
         return nnx.merge(self.norm_def, shared["norm"])(h_BTD)
