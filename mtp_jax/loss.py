@@ -49,11 +49,16 @@ def _unchunked(x_NBC: jax.Array) -> jax.Array:
 
 def _chunk_logits(h_BCD, w_DV, t_BC, m_BC):
     logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV.astype(h_BCD.dtype), preferred_element_type=jnp.float32)
-    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    max_BC = jnp.max(logits_BCV, axis=-1)
+    lse_BC = max_BC + jnp.log(jnp.sum(jnp.exp(logits_BCV - max_BC[..., None]), axis=-1))
     target_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
     m_BC = m_BC.astype(jnp.float32)
     loss = jnp.sum((lse_BC - target_BC) * m_BC)
-    correct = jnp.sum((jnp.argmax(logits_BCV, axis=-1) == t_BC) * m_BC)
+    # Top-1 = the first index holding the row maximum (argmax's tie rule), from the max the log-sum-exp
+    # already needs: on CPU, XLA's argmax (a two-operand reduction) costs about as much as the logits matmul.
+    vocab = logits_BCV.shape[-1]
+    top1_BC = jnp.min(jnp.where(logits_BCV == max_BC[..., None], jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    correct = jnp.sum((top1_BC == t_BC) * m_BC)
     return logits_BCV, lse_BC, loss, correct
 
 
