@@ -15,12 +15,14 @@ Per shape and n: median over rounds of each engine's tokens/s and efficiency, th
 median of the within-round normalised ratios as a noise check. Prints one JSON object last.
 
     python -m mtp_jax.benchmarks.parity --torch-python /work/torchvenv/bin/python [--shapes small,large]
+    taskset -c 0 benchmarks/parity.sh   # one core each: no thread-pool contention on a shared machine
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"--shapes: {s!r} is not one of {', '.join(SHAPES)}")
     if not Path(args.peer).is_file():
         ap.error(f"--peer {args.peer}: no such file; point it at the PyTorch peer torch_mtp.py")
-    result = {s: measure_shape(s, args) for s in args.shapes.split(",")}
+    result: dict = {s: measure_shape(s, args) for s in args.shapes.split(",")}
+    result["cpus"] = len(os.sched_getaffinity(0))  # `taskset -c 0 ...` gives each engine one core
     print(json.dumps(result))
     return result
 
