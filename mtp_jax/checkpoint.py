@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import re
 import sys
 import threading
@@ -27,6 +28,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mtp_jax.config import ConfigError
+from mtp_jax.errors import full_disk_errno, full_disk_error
 from mtp_jax.hooks import pause_point
 
 
@@ -54,6 +56,30 @@ def _no_aborted_read_dumps() -> Iterator[None]:
     finally:
         gc.collect()  # finalize the aborted reads while the filter is on
         sys.unraisablehook = previous
+
+
+class _DropOrbaxErrorLogs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _aborted_write(kind: type[BaseException] | None, value: BaseException | None) -> bool:
+    return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
+@contextlib.contextmanager
+def quiet_save_failures() -> Iterator[None]:
+    """A failed save reaches the main thread as an exception (the trainer reports it in one line; a bug keeps its
+    traceback), but Orbax also logs it from every thread (a page each) and TensorStore's callbacks into the closed
+    event loop of the aborted writes print 'Event loop is closed' tracebacks: both are dropped while this is active."""
+    drop, absl_logger, previous = _DropOrbaxErrorLogs(), logging.getLogger("absl"), sys.unraisablehook
+    absl_logger.addFilter(drop)
+    sys.unraisablehook = lambda u: None if _aborted_write(u.exc_type, u.exc_value) else previous(u)
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+        absl_logger.removeFilter(drop)
 
 
 def _failed_processes(ok: bool) -> list[int]:
@@ -103,6 +129,7 @@ class Checkpointer:
         self.read_only = read_only
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
         self._swept = False
+        self._failed = False  # a save failed: Orbax re-raises it on every later wait, so we stop waiting
 
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
         """True if a save started. A step already saved is skipped (the final forced save after a periodic one)."""
@@ -112,7 +139,8 @@ class Checkpointer:
         if not self._swept:
             self._remove_unfinished()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
-        started = self._manager.save(step, args=args, force=force)
+        with self._writing(step):  # also where an async save's earlier failure surfaces
+            started = self._manager.save(step, args=args, force=force)
         if started:
             pause_point("save", step)
         return started
@@ -178,10 +206,38 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until async saves are on disk; call before exiting or the last save may be lost."""
-        self._manager.wait_until_finished()
+        if not self._failed:
+            with self._writing(None):
+                self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        if not self._failed:
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None) -> Iterator[None]:
+        """A full disk (or quota, or file-size limit) while saving becomes one line; the unfinished save is deleted
+        so nothing half-written remains, and the committed checkpoints stay (Orbax rotates only after a commit)."""
+        try:
+            yield
+        except Exception as error:
+            code = full_disk_errno(error)
+            if code is None or self.read_only:
+                raise
+            self._failed = True
+            unfinished = [int(m.group()) for p in self._unfinished() if (m := re.match(r"\d+", p.name))]
+            self.discard_unfinished()
+            kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            left = f"; the unfinished save was deleted, the newest checkpoint is step {kept[-1]}" if kept else \
+                "; the unfinished save was deleted, no checkpoint yet"
+            failed = max(unfinished, default=step)
+            what = f"checkpoint step {failed}" if failed is not None else "a checkpoint"
+            raise full_disk_error(code, self.directory, what, left) from None
+
+    @property
+    def failed(self) -> bool:
+        """A save failed (full disk): the caller should leave without waiting on Orbax's threads."""
+        return self._failed
 
     def _attempt(self, step: int, abstract_state: Any, partial: bool = False) -> tuple[tuple[int, Any, dict] | None, str]:
         """(restored, "") or (None, why it failed), the same on every process."""

@@ -7,7 +7,12 @@ fix, exit status 2. Anything else is a bug and keeps its traceback: no catch-all
 from __future__ import annotations
 
 import argparse
+import errno
+import re
+import resource
+import shutil
 import sys
+from pathlib import Path
 from typing import Callable
 
 EXIT_USER = 2  # bad input: config, flags, paths, data
@@ -27,6 +32,51 @@ class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or gradient; no checkpoint with it was written."""
 
 
+# errno -> what it means for the user; TensorStore (Orbax's writer) gives the errno only inside its message.
+FULL_DISK = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file too large for the file-size limit (ulimit -f)"}
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
+
+
+def full_disk_errno(error: BaseException | None) -> int | None:
+    """The errno when `error` or one of its causes says the disk (or the quota, or the file-size limit) is full."""
+    for _ in range(32):  # a chain of causes is short; the bound guards against a cycle
+        if error is None:
+            return None
+        if isinstance(error, OSError) and error.errno in FULL_DISK:
+            return error.errno
+        found = _TENSORSTORE_ERRNO.search(str(error))
+        if found and int(found.group(1)) in FULL_DISK:
+            return int(found.group(1))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def full_disk_error(code: int, directory: str | Path, what: str, left: str = "") -> UserError:
+    """One line for a write that found the disk full: which directory, how much is free there, the fix."""
+    free = "free space unknown"  # an object store (gs://) has no disk_usage
+    if "://" not in str(directory):
+        folder = Path(directory)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        free = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free there"
+    if code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        free += f", files limited to {limit} bytes" if limit != resource.RLIM_INFINITY else ""
+    return UserError(f"cannot write {what} in {directory}: {FULL_DISK[code]} ({free}){left}; free space there, raise "
+                     f"the quota or `ulimit -f`, or choose another directory (train.run_dir); then rerun")
+
+
+def full_disk_write_error(error: OSError, directory: Path) -> UserError | None:
+    """The one line for an OSError that is a full disk, else None. `directory`: where the command was writing,
+    named when the error carries no file name (a failed flush)."""
+    code = full_disk_errno(error)
+    if code is None:
+        return None
+    what, folder = (Path(error.filename).name, Path(error.filename).parent) if error.filename else ("a file", directory)
+    return full_disk_error(code, folder, what)
+
+
 class ArgParser(argparse.ArgumentParser):
     """argparse whose usage errors are a UserError (one line, exit 2) instead of usage + message."""
 
@@ -35,11 +85,17 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
-    """Wraps a command's main: user errors and divergence become one line and their exit status."""
+    """Wraps a command's main: user errors, a full disk and divergence become one line and their exit status."""
 
     def run(argv: list[str] | None = None) -> int:
         try:
             return main(sys.argv[1:] if argv is None else argv)
+        except OSError as err:  # only a full disk (every other OSError keeps its traceback, or is a UserError first)
+            full = full_disk_write_error(err, Path.cwd())
+            if full is None:
+                raise
+            print(f"error: {full}", file=sys.stderr)
+            raise SystemExit(EXIT_USER) from None
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(EXIT_USER) from None

@@ -27,10 +27,16 @@ _installed = False
 
 def exit_interrupted() -> NoReturn:
     """Prints the one line (once, whichever thread gets here first), silences stderr, exits 130."""
+    exit_now("interrupted", EXIT_INTERRUPTED)
+
+
+def exit_now(message: str, status: int) -> NoReturn:
+    """`error: message`, then exit without interpreter teardown (which, with JAX or Orbax threads still running or
+    failed, prints pages of 'Exception ignored' or crashes)."""
     if _said.acquire(blocking=False):
-        print("error: interrupted", file=sys.stderr, flush=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # threads dying with us print nothing more
-    os._exit(EXIT_INTERRUPTED)
+    os._exit(status)
 
 
 def install() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import signal
 import sys
 import time
@@ -19,9 +20,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mtp_jax import distributed, interrupts, lock, sharding
-from mtp_jax.checkpoint import Checkpointer
+from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data import pipeline
+from mtp_jax.errors import EXIT_USER, full_disk_write_error
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
@@ -83,6 +85,22 @@ def _unreadable_data() -> Iterator[None]:
         raise ConfigError(f"cannot read {err.filename} (permission denied); fix its permissions or data.path") from None
 
 
+_TENSORSTORE_READ = re.compile(r'^[A-Z_]+: Error reading .*? in local file "([^"]+)": (.*)$')
+
+
+def _damaged_data(error: ValueError, data_path: str) -> ConfigError | None:
+    """A truncated or corrupt shard of prepared data (TensorStore cannot read it) is the user's to replace."""
+    found = _TENSORSTORE_READ.match(str(error).splitlines()[0] if str(error) else "")
+    if not found or not data_path or "://" in data_path:
+        return None
+    file = Path(found.group(1)).resolve()
+    if not file.is_relative_to(Path(data_path).resolve()):
+        return None
+    reason = found.group(2).split(": ")[-1]
+    return ConfigError(f"cannot read {file} in data.path={data_path}: it is damaged ({reason}); prepare the data "
+                       f"again (mtp-prepare) or restore that file from a backup")
+
+
 def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, Any]:
     """Validates everything that can be checked against RUN_DIR before writing to it; returns the config
     (vocab resolved) and the tokenizer. A resume needs its tokenizer/; a run with no checkpoint starts afresh."""
@@ -130,11 +148,28 @@ def train(cfg: Config) -> dict:
     tcfg = cfg.train
     ckpt = Checkpointer(run_dir / "checkpoints", tcfg.keep_checkpoints, tcfg.checkpoint_every, tcfg.async_checkpoint)
     try:
-        return _train(cfg, run_dir, ckpt)
+        with quiet_save_failures():
+            result = _train(cfg, run_dir, ckpt)
+            ckpt.wait()  # the last async save's failure (full disk) surfaces here, inside the handlers below
+            return result
     except KeyboardInterrupt:
         pause_point("interrupted")
         ckpt.settle(SETTLE_S)  # Ctrl-C starts no save; one in flight commits within SETTLE_S or is deleted
         interrupts.exit_interrupted()
+    except ConfigError as err:
+        if ckpt.failed:  # a full disk mid-save: Orbax's failed threads must not be waited on or torn down
+            interrupts.exit_now(str(err), EXIT_USER)
+        raise
+    except ValueError as err:  # not a UserError (handled above): TensorStore's read errors are ValueErrors
+        damaged = _damaged_data(err, cfg.data.path)
+        if damaged is None:
+            raise
+        raise damaged from None
+    except OSError as err:  # a full disk writing config, metrics or evaluations (a checkpoint's is handled above)
+        full = full_disk_write_error(err, run_dir)
+        if full is None:
+            raise
+        raise full from None
     finally:
         ckpt.wait()
         ckpt.close()

@@ -59,6 +59,7 @@ def test_divergence_stops_and_keeps_every_good_checkpoint(diverged) -> None:
     assert done.returncode == EXIT_DIVERGED, done.stderr[-2000:]
     [line] = error_lines(done.stderr)
     assert "Traceback" not in done.stderr and "diverged at step" in line and "lower optim.lr" in line
+    assert "warning: optim.warmup_steps=50 is longer than train.steps=20" in done.stderr  # item 6: said, not refused
     bad_step = int(line.split("diverged at step ")[1].split(":")[0])
     steps = checkpoint_steps(run_dir)
     assert 2 in steps and max(steps) < bad_step, (steps, line)
@@ -141,6 +142,13 @@ def yaml_file(tmp: Path, text: str) -> str:
     return str(tmp / "exp.yaml")
 
 
+def full_disk_at(run: Path, name: str) -> Path:
+    """Points one of the run's files at /dev/full, where every write fails with ENOSPC: a real full disk."""
+    (run / name).unlink()
+    (run / name).symlink_to("/dev/full")
+    return run
+
+
 def file_at(tmp: Path) -> Path:
     (tmp / "f").write_text("x")
     return tmp / "f"
@@ -175,6 +183,9 @@ BAD_INPUTS = {
                                         ["data.max_bytes 300000 -> 200000", "train.allow_data_change=true"]),
     "resume without tokenizer/": (
         lambda t, d: train_args(shutil.rmtree(copy_run(d, t) / "tokenizer") or t / "run"), ["no tokenizer/", "backup"]),
+    "disk full writing the run's files": (lambda t, d: train_args(full_disk_at(copy_run(d, t), "versions.json")),
+                                          ["cannot write a file in /", "/run: no space left on device",
+                                           "GiB free there", "free space there"]),
     "corrupt tokenizer.json": (
         lambda t, d: ["eval", str((lambda r: (r / "tokenizer" / "tokenizer.json").write_text("{not json") and r)(
             copy_run(d, t)))], ["tokenizer", "is unreadable", "restore tokenizer/"]),
@@ -219,6 +230,36 @@ def test_eval_is_read_only_and_records_its_step(diverged, tmp_path: Path) -> Non
     assert json.loads((run / "evals" / "heldout" / f"step_{newest:08d}.json").read_text())["step"] == newest
 
 
+def non_finite_step(run: Path) -> Path:
+    """Adds step 100: the newest good step with one parameter set to NaN (what a version without the divergence
+    guard saved), written with Orbax directly."""
+    folder = run / "checkpoints"
+    newest = folder / str(max(checkpoint_steps(run)))
+    state = ocp.StandardCheckpointer().restore(newest / "state")
+    first = jax.tree.leaves(state["params"])[0]
+    state["params"] = jax.tree.map(lambda x: np.where(np.arange(x.size).reshape(x.shape) == 0, np.nan, x)
+                                   if x is first else x, state["params"])
+    with ocp.StandardCheckpointer() as writer:
+        writer.save(folder / "100" / "state", state)
+    shutil.copytree(newest / "data", folder / "100" / "data")
+    for name in os.listdir(newest):
+        if not (folder / "100" / name).exists():
+            shutil.copy(newest / name, folder / "100" / name)
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", [["eval", "--batches", "1"], ["generate", "--max-new-tokens", "4"]])
+def test_read_only_commands_refuse_non_finite_weights(cmd: list[str], diverged, tmp_path: Path) -> None:
+    run = non_finite_step(copy_run(diverged, tmp_path))
+    before = tree_listing(run)
+    done = command(cmd[0], str(run), *cmd[1:])
+    assert done.returncode == EXIT_DIVERGED and error_lines(done.stderr) == [
+        f"error: checkpoint step 100 in {run} holds non-finite weights (the run diverged); move that step's folder "
+        f"away to use the one before it"], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and done.stdout == "" and tree_listing(run) == before
+
+
 def test_decode_memory_budget_and_context_warning(tiny, capsys) -> None:
     cfg = resolve_vocab(tiny(), 64)
     m = cfg.model
@@ -235,12 +276,15 @@ def test_decode_memory_budget_and_context_warning(tiny, capsys) -> None:
 @pytest.mark.slow
 def test_resume_lists_changed_settings_and_still_writes_no_bad_checkpoint(diverged, tmp_path: Path) -> None:
     """The newest good checkpoint of this run holds finite but huge weights (lr 1e6): the resume warns about the
-    changed settings, diverges again, and adds no checkpoint."""
+    changed settings (a changed data source too, as train.allow_data_change=true overrides its refusal), diverges
+    again, and adds no checkpoint."""
     run = copy_run(diverged, tmp_path)
     before = checkpoint_steps(run)
-    done = command(*train_args(run, "optim.lr=1e-3", "train.seq_len=16"))
+    done = command(*train_args(run, "optim.lr=1e-3", "train.seq_len=16", "data.max_bytes=200000",
+                               "train.allow_data_change=true"))
     [warning] = [line for line in done.stderr.splitlines() if "resuming with changed settings" in line]
     assert "optim.lr 1000000.0 -> 0.001" in warning and "train.seq_len 32 -> 16" in warning
+    assert "data.max_bytes 300000 -> 200000" in warning and "error:" not in done.stderr.replace("error: training", "")
     assert f"resumed from step {max(before)}" in done.stderr
     assert done.returncode == EXIT_DIVERGED and checkpoint_steps(run) == before
 
