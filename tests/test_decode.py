@@ -26,7 +26,7 @@ from mtp_jax.data.pipeline import pack
 from mtp_jax.decode import Sampling, generate, speculative_generate
 from mtp_jax.decode.acceptance import replay
 from mtp_jax.decode.cli import main as cli_main
-from mtp_jax.decode.generate import logits, prefill, token_probs
+from mtp_jax.decode.generate import prefill, token_probs
 from mtp_jax.decode.passes import forward_step, verify_pass
 from mtp_jax.decode.tree import _tree_decode, make_tree, tree_generate
 from mtp_jax.decode.speculative import _speculate, verify
@@ -142,11 +142,11 @@ def greedy_runs(mtp, models) -> dict:
     return runs
 
 
-@pytest.mark.parametrize("k", range(2, N + 1))
+@pytest.mark.parametrize("k, reduced", [(k, False) for k in range(2, N + 1)] + [(N, True)])
 @pytest.mark.parametrize("model", ["random", "partial", "trained"])
-def test_speculative_equals_greedy_in_a_batch(mtp, models, greedy_runs, model, k):
+def test_speculative_equals_greedy_in_a_batch(mtp, models, greedy_runs, model, k, reduced):
     stop, greedy = greedy_runs[model]
-    spec = speculative_generate(mtp, models[model], batch_prompts(), k, MAX_NEW, stop_tokens=[stop])
+    spec = speculative_generate(mtp, models[model], batch_prompts(), k, MAX_NEW, stop_tokens=[stop], reduced=reduced)
     assert spec.completions() == greedy.completions()
     np.testing.assert_array_equal(spec.tokens, greedy.tokens)
 
@@ -170,7 +170,8 @@ def test_speculative_equals_greedy_in_bf16(cfg, models):
     for name in ("partial", "trained"):
         greedy = generate(mtp16, models[name], prompts, MAX_NEW)
         for k in (2, N):
-            assert speculative_generate(mtp16, models[name], prompts, k, MAX_NEW).completions() == greedy.completions(), (name, k)
+            spec = speculative_generate(mtp16, models[name], prompts, k, MAX_NEW)
+            assert spec.completions() == greedy.completions(), (name, k)
 
 
 def test_trained_heads_accept_drafts(mtp, models):
@@ -214,12 +215,13 @@ def jitted_reference_caches(mtp: MTP):
             trunk.append(kv(layer(params["trunk"], i), x_BTD))
             x_BTD = ref_block(layer(params["trunk"], i), x_BTD, one_document, cfg)
         heads = [kv(layer(params["heads"], i), x_BTD) for i in range(cfg.mtp_heads)]
-        return {name: KVCache(*(jnp.stack(xs) for xs in zip(*kvs))) for name, kvs in (("trunk", trunk), ("heads", heads))}
+        stack = lambda kvs: KVCache(*(jnp.stack(xs) for xs in zip(*kvs)))
+        return {"trunk": stack(trunk), "heads": stack(heads)}
 
     return jax.jit(caches)
 
 
-@pytest.mark.parametrize("decoder", ["chain", "tree"])
+@pytest.mark.parametrize("decoder", ["chain", "reduced chain", "tree"])
 @pytest.mark.parametrize("model", ["partial", "trained"])
 def test_caches_hold_only_verified_entries(mtp, models, model, decoder):
     """After speculative decoding with rejections, every cache (trunk and all heads) below each
@@ -233,55 +235,71 @@ def test_caches_hold_only_verified_entries(mtp, models, model, decoder):
     fed = len(make_tree((3, 2)).depth) if decoder == "tree" else N
     h, cache = prefill(mtp, params, tokens, lengths, slots=tokens.shape[1] + MAX_NEW + fed)
     args = (tokens, lengths, np.array([-1], np.int32), jax.random.key(0), Sampling())
-    run, static = (_tree_decode, {"widths": (3, 2)}) if decoder == "tree" else (_speculate, {"k": N})
+    run, static = (_tree_decode, {"widths": (3, 2)}) if decoder == "tree" else (
+        _speculate, {"k": N, "reduced": decoder == "reduced chain"})
     prog, _, cache = run(mtp, params, cache, h, *args, max_new=MAX_NEW, mode="greedy", **static)
     out_len = np.asarray(prog.length_B)
     outputs = np.maximum(np.asarray(prog.tokens_BS)[:, : out_len.max()], 0)  # PAD -> 0 past each length
     want = jitted_reference_caches(mtp)(params, outputs)
-    for got_leaf, want_leaf in zip(jax.tree.leaves((cache["trunk"], cache["heads"])), jax.tree.leaves((want["trunk"], want["heads"]))):
+    got_leaves = jax.tree.leaves((cache["trunk"], cache["heads"]))
+    for got_leaf, want_leaf in zip(got_leaves, jax.tree.leaves((want["trunk"], want["heads"]))):
         for b, n in enumerate(out_len - 1):  # axes: (layer or head, batch, slot, ...)
             np.testing.assert_allclose(np.asarray(got_leaf)[:, b, :n], np.asarray(want_leaf)[:, b, :n], atol=2e-5)
 
 
+@pytest.mark.parametrize("reduced", [True, False])
 @pytest.mark.parametrize("model", ["partial", "trained"])
-def test_reduced_pass_equals_feeding_tokens_one_at_a_time(mtp, models, model):
-    """One verify pass (heads 2..N only write KV entries, then run at the last accepted position)
-    leaves the caches that feeding the accepted tokens one at a time through every head leaves,
-    and drafts from the hidden states a no-cache forward gives at that position."""
+def test_verify_pass_equals_feeding_tokens_one_at_a_time(mtp, models, model, reduced):
+    """One verify pass (reduced: heads 2..N write KV entries at every fed position and run only
+    at the last accepted one; wide: every head everywhere, one unembedding) leaves the caches
+    that feeding the accepted tokens one at a time through every head leaves, and gives head
+    1's logits at every fed position and drafts at the last accepted one as a no-cache forward
+    does."""
     params, prompts = models[model], batch_prompts()
     lengths = np.array([len(p) for p in prompts])
     tokens = np.zeros((3, lengths.max()), np.int32)
     for row, p in zip(tokens, prompts):
         row[: len(p)] = p
-    h_NBD, start = prefill(mtp, params, tokens, lengths, slots=tokens.shape[1] + MAX_NEW + N)
-    fed_BK = np.asarray(logits(mtp, params, h_NBD.swapaxes(0, 1)).argmax(-1), np.int32)  # head 1's token, drafts
+    logits_BNV, start = prefill(mtp, params, tokens, lengths, slots=tokens.shape[1] + MAX_NEW + N)
+    fed_BK = np.asarray(logits_BNV.argmax(-1), np.int32)  # head 1's token, drafts
     positions_BK = lengths[:, None] + np.arange(N)
 
     @jax.jit
-    def reduced(cache):
-        h_BKD, draft = verify_pass(mtp, params, cache, fed_BK, positions_BK, N)
-        target_BK = logits(mtp, params, h_BKD).argmax(-1)
+    def verify_once(cache):
+        logits_BKV, draft = verify_pass(mtp, params, cache, fed_BK, positions_BK, N, reduced)
+        target_BK = logits_BKV.argmax(-1)
         accepted_B = jnp.sum(jnp.cumprod(fed_BK[:, 1:] == target_BK[:, :-1], axis=1), axis=1)
-        return (accepted_B, *draft(accepted_B))
+        return (logits_BKV, accepted_B, *draft(accepted_B))
 
-    accepted, h_JBD, got = reduced(start)
+    logits_BKV, accepted, drafts_BJV, got = verify_once(start)
     accepted = np.asarray(accepted)
     assert accepted.min() < N - 1 or model == "trained"
     step = jax.jit(forward_step, static_argnums=(0, 5))
-    want, h_one = start, []
+    want = start
     for j in range(N):  # the full pass, one token at a time
-        h_NB1D, want = step(mtp, params, want, fed_BK[:, j : j + 1], positions_BK[:, j : j + 1], N)
-        h_one.append(h_NB1D[:, :, 0])
+        _, want = step(mtp, params, want, fed_BK[:, j : j + 1], positions_BK[:, j : j + 1], N)
     for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         for b, n in enumerate(lengths + accepted + 1):  # every slot up to the last accepted token
             np.testing.assert_allclose(np.asarray(got_leaf)[:, b, :n], np.asarray(want_leaf)[:, b, :n], atol=2e-5)
     full = np.zeros((3, lengths.max() + N), np.int32)
     for b, (p, a) in enumerate(zip(prompts, accepted)):
-        full[b, : len(p) + a + 1] = p + fed_BK[b, : a + 1].tolist()
-        want_h = np.asarray(h_one[a][1:, b])
-        np.testing.assert_allclose(np.asarray(h_JBD[:, b]), want_h, atol=2e-5)
-        ref = reference_logits(mtp, params, full[b : b + 1])[1:, 0, len(p) + a]
-        np.testing.assert_allclose(np.asarray(logits(mtp, params, h_JBD[:, b][None]))[0], ref, atol=1e-4)
+        full[b, : len(p) + N] = p + fed_BK[b].tolist()
+        ref_NKV = reference_logits(mtp, params, full[b : b + 1])[:, 0, len(p) : len(p) + N]
+        np.testing.assert_allclose(np.asarray(logits_BKV[b]), ref_NKV[0], atol=1e-4)
+        np.testing.assert_allclose(np.asarray(drafts_BJV[b]), ref_NKV[1:, a], atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduced", [False, True])
+def test_linear_heads_speculative_equals_no_cache_greedy(reduced):
+    """Linear heads keep no cache: the wide pass vmaps them without one, the reduced pass projects
+    z at the last accepted position (`LinearHeads.apply_at`)."""
+    from test_head_kinds import _mtp, _params, _uncached_greedy
+
+    mtp = _mtp("linear")
+    params, prompts = _params(mtp, seed=3), [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11]]
+    spec = speculative_generate(mtp, params, prompts, mtp.cfg.mtp_heads, 10, reduced=reduced)
+    assert spec.completions() == _uncached_greedy(mtp, params, prompts, 10)
 
 
 @pytest.mark.parametrize("model", ["random", "partial", "trained"])
@@ -460,8 +478,8 @@ def test_decoding_sees_the_contexts_training_sees(run_dir, cfg, mtp, models, cap
     tokens, starts = pack([np.array([3, 4, 5, 6]), np.array(prompt)], Letters.eot_id)
     segments = np.searchsorted(starts, np.arange(len(tokens)), side="right")
     train_V = jax.jit(mtp.forward)(params, tokens[None], None, segments[None])[0, 0, starts[1] + len(prompt) - 1]
-    h_NBD, _ = prefill(mtp, params, np.array([prompt]), np.array([len(prompt)]), slots=len(prompt) + 2 + N)
-    np.testing.assert_allclose(np.asarray(logits(mtp, params, h_NBD[0][:, None]))[0, 0], train_V, atol=1e-4)
+    logits_BNV, _ = prefill(mtp, params, np.array([prompt]), np.array([len(prompt)]), slots=len(prompt) + 2 + N)
+    np.testing.assert_allclose(np.asarray(logits_BNV[0, 0]), train_V, atol=1e-4)
     with pytest.raises(SystemExit) as exit_info:
         cli_main([str(run_dir), "--prompt", ""])
     err = capsys.readouterr().err

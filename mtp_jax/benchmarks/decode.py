@@ -115,29 +115,34 @@ def wall_clock(mtp: MTP, params: Any, prompts: np.ndarray, new_tokens: int, ks: 
     methods |= {f"k={k}": functools.partial(lambda b, k: speculative_generate(mtp, params, b, k, new_tokens), k=k)
                 for k in ks}
     methods["tree"] = lambda b: tree_generate(mtp, params, b, widths, new_tokens)
-    best = {m: [np.inf] * len(rows) for m in methods}
+    best = {(m, clock): [np.inf] * len(rows) for m in methods for clock in ("wall", "cpu")}
     last: dict[str, list] = {}
     for fn in methods.values():
         fn(rows[0])  # compile and warm up
     for _ in range(rounds):
         for name, fn in methods.items():
             last[name] = [fn(row) for row in rows]
-            best[name] = [min(b, r.stats.wall_s) for b, r in zip(best[name], last[name])]
+            for clock in ("wall", "cpu"):
+                seconds = [getattr(r.stats, f"{clock}_s") for r in last[name]]
+                best[name, clock] = [min(b, x) for b, x in zip(best[name, clock], seconds)]
     reference = [r.completions()[0] for r in last["greedy"]]
     repeat = [repeated_ngram_fraction(c) for c in reference]
     keep = [i for i, x in enumerate(repeat) if x <= REPEAT_LIMIT]
-    report = {"greedy_ms_per_token": round(1e3 * sum(best["greedy"]) / (len(rows) * new_tokens), 3),
+    report = {"greedy_ms_per_token": round(1e3 * sum(best["greedy", "wall"]) / (len(rows) * new_tokens), 3),
               "repeated_8gram_fraction": [round(x, 3) for x in repeat], "prompts_kept": len(keep)}
     for name in methods:
         if name == "greedy":
             continue
-        speedup = lambda idx: round(sum(best["greedy"][i] for i in idx) / sum(best[name][i] for i in idx), 3) if idx else None
+        speedup = lambda idx, clock="wall": round(sum(best["greedy", clock][i] for i in idx) /
+                                                  sum(best[name, clock][i] for i in idx), 3) if idx else None
         new, passes = sum(r.stats.tokens_generated for r in last[name]), sum(int(r.passes[0]) for r in last[name])
         figures = ({"widths": widths, "nodes": len(make_tree(widths).depth),
                     "tokens_per_decoding_pass": round((new - len(rows)) / (passes - len(rows)), 3),
                     "tokens_per_pass_with_prefill": round(new / passes, 3)} if name == "tree"
                    else acceptance(mtp, params, prompts, last[name], int(name[2:])))
         report[name] = {**figures, "speedup": speedup(range(len(rows))), "speedup_kept": speedup(keep),
+                        "cpu_time_speedup": speedup(range(len(rows)), "cpu"),
+                        "cpu_time_speedup_kept": speedup(keep, "cpu"),
                         "matches_greedy": [r.completions()[0] for r in last[name]] == reference}
         print(f"{name}: {report[name]}", file=sys.stderr)
     return report
@@ -150,27 +155,21 @@ def _plain(mtp, params, cache, tokens_BT, positions_BT):
     return jnp.argmax(logits(mtp, params, h_NBTD[0]), axis=-1), cache
 
 
-def _reduced(mtp, params, cache, tokens_BT, positions_BT):
-    h_BTD, draft = verify_pass(mtp, params, cache, tokens_BT, positions_BT, tokens_BT.shape[1])
-    target_BT = jnp.argmax(logits(mtp, params, h_BTD), axis=-1)
-    h_JBD, cache = draft(jnp.full(tokens_BT.shape[:1], tokens_BT.shape[1] - 1))
-    return (target_BT, jnp.argmax(logits(mtp, params, h_JBD.swapaxes(0, 1)), axis=-1)), cache
-
-
-def _full(mtp, params, cache, tokens_BT, positions_BT):
-    """The same outputs as `_reduced` (head 1 at every fed position, heads 2..k at the last)."""
-    h_NBTD, cache = forward_step(mtp, params, cache, tokens_BT, positions_BT, tokens_BT.shape[1])
-    target_BT = jnp.argmax(logits(mtp, params, h_NBTD[0]), axis=-1)
-    return (target_BT, jnp.argmax(logits(mtp, params, h_NBTD[1:, :, -1].swapaxes(0, 1)), axis=-1)), cache
+def _verify(mtp, params, cache, tokens_BT, positions_BT, reduced):
+    """A k-token verify pass: head 1's argmax at every fed position, heads 2..k's at the last."""
+    logits_BTV, draft = verify_pass(mtp, params, cache, tokens_BT, positions_BT, tokens_BT.shape[1], reduced)
+    logits_BJV, cache = draft(jnp.full(tokens_BT.shape[:1], tokens_BT.shape[1] - 1))
+    return (jnp.argmax(logits_BTV, axis=-1), jnp.argmax(logits_BJV, axis=-1)), cache
 
 
 PASSES = {name: jax.jit(fn, static_argnums=0, donate_argnums=2) for name, fn in
-          [("plain", _plain), ("reduced", _reduced), ("full", _full)]}
+          [("plain", _plain), ("reduced", functools.partial(_verify, reduced=True)),
+           ("wide", functools.partial(_verify, reduced=False))]}
 
 
 def pass_cost(mtp: MTP, params: Any, batch: int, ks: list[int], rounds: int, calls: int = 5, slots: int = 128) -> dict:
     """ms per call of each pass, medians over alternated rounds, and the ratios to a plain step."""
-    cases = {"plain": ("plain", 1)} | {f"{p}_k={k}": (p, k) for k in ks for p in ("reduced", "full", "plain")}
+    cases = {"plain": ("plain", 1)} | {f"{p}_k={k}": (p, k) for k in ks for p in ("reduced", "wide", "plain")}
     caches = {c: mtp.init_cache(batch, slots) for c in cases}
     times: dict[str, list[float]] = {c: [] for c in cases}
     for r in range(rounds + 1):  # round 0 compiles and warms up
@@ -188,9 +187,10 @@ def pass_cost(mtp: MTP, params: Any, batch: int, ks: list[int], rounds: int, cal
     for k in ks:
         floor = ms[f"plain_k={k}"]
         report[f"k={k}"] = {"reduced": round(ms[f"reduced_k={k}"] / ms["plain"], 3),
-                            "full": round(ms[f"full_k={k}"] / ms["plain"], 3),
+                            "wide": round(ms[f"wide_k={k}"] / ms["plain"], 3),
                             "floor": round(floor / ms["plain"], 3),
-                            "reduced_over_floor": round(ms[f"reduced_k={k}"] / floor, 3)}
+                            "reduced_over_floor": round(ms[f"reduced_k={k}"] / floor, 3),
+                            "wide_over_floor": round(ms[f"wide_k={k}"] / floor, 3)}
     return report
 
 
@@ -246,7 +246,8 @@ def main(argv: list[str]) -> int:
                               "num_prompts": args.num_prompts, "heads": heads, "ks": ks}
     if not args.cost_only:
         report["decoding"] = wall_clock(mtp, params, prompts, args.new_tokens, ks, args.rounds, widths)
-    models = {"trained": (mtp, params)} | {name: (MTP(c), None) for name, c in cost_models(cfg.model, args.large).items()}
+    randoms = cost_models(cfg.model, args.large)
+    models = {"trained": (mtp, params)} | {name: (MTP(c), None) for name, c in randoms.items()}
     report["pass_cost"] = {}
     for name, (model, weights) in models.items():
         weights = weights if weights is not None else random_params(model, 0)

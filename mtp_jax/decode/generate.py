@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.config import ConfigError
-from mtp_jax.decode.passes import Cache, forward_step, prefill
+from mtp_jax.decode.passes import Cache, forward_step, logits, prefill
 from mtp_jax.model.transformer import MTP, Params
 
 PAD = -1  # fills the output after each sequence's length; never a real token
@@ -86,10 +86,6 @@ def draw(key: jax.Array, probs_XV: jax.Array, greedy: bool) -> jax.Array:
     return jax.random.categorical(key, jnp.log(probs_XV), axis=-1).astype(jnp.int32)
 
 
-def logits(mtp: MTP, params: Params, h_BTD: jax.Array) -> jax.Array:
-    return mtp.logits(mtp.shared(params), h_BTD)
-
-
 # --- per-sequence progress -------------------------------------------------------------------
 class Progress(NamedTuple):
     tokens_BS: jax.Array  # prompt, then the completion; slot s holds position s
@@ -127,14 +123,14 @@ def last_token(prog: Progress) -> jax.Array:
 
 
 # --- plain generation ------------------------------------------------------------------------
-def sample_next(mtp: MTP, params: Params, key: jax.Array, h_BD: jax.Array, sampling: Sampling, mode: str) -> jax.Array:
-    """A token per sequence from head 1's hidden state."""
-    probs_BV = token_probs(logits(mtp, params, h_BD[:, None])[:, 0], sampling, mode)
-    return draw(key, probs_BV, mode == "greedy")
+def sample_next(key: jax.Array, logits_BV: jax.Array, sampling: Sampling, mode: str) -> jax.Array:
+    """A token per sequence from head 1's logits."""
+    return draw(key, token_probs(logits_BV, sampling, mode), mode == "greedy")
 
 
 @functools.partial(jax.jit, static_argnames=("mtp", "max_new", "mode"), donate_argnames=("cache",))
-def _generate(mtp: MTP, params: Params, cache: Cache, h_NBD: jax.Array, prompt_BP: jax.Array, prompt_len_B: jax.Array,
+def _generate(mtp: MTP, params: Params, cache: Cache, logits_BNV: jax.Array, prompt_BP: jax.Array,
+              prompt_len_B: jax.Array,
               stop_X: jax.Array, key: jax.Array, sampling: Sampling, *, max_new: int,
               mode: str) -> tuple[Progress, jax.Array, Cache]:
     """(progress, forward passes, caches) after the prefill: one token per sequence per pass,
@@ -142,14 +138,14 @@ def _generate(mtp: MTP, params: Params, cache: Cache, h_NBD: jax.Array, prompt_B
     ones_B = jnp.ones(prompt_len_B.shape, jnp.int32)
     key, sub = jax.random.split(key)
     prog = start(prompt_BP, prompt_len_B, cache["trunk"].k_BSKE.shape[2])
-    prog = append(prog, sample_next(mtp, params, sub, h_NBD[0], sampling, mode)[:, None], ones_B,
+    prog = append(prog, sample_next(sub, logits_BNV[:, 0], sampling, mode)[:, None], ones_B,
                   prompt_len_B, stop_X, max_new)
 
     def body(carry):
         prog, cache, key, passes = carry
         h_1B1D, cache = forward_step(mtp, params, cache, last_token(prog), (prog.length_B - 1)[:, None], heads=1)
         key, sub = jax.random.split(key)
-        new_B = sample_next(mtp, params, sub, h_1B1D[0, :, 0], sampling, mode)
+        new_B = sample_next(sub, logits(mtp, params, h_1B1D[0])[:, 0], sampling, mode)
         return append(prog, new_B[:, None], ones_B, prompt_len_B, stop_X, max_new), cache, key, passes + 1
 
     prog, cache, _, passes = jax.lax.while_loop(lambda c: ~jnp.all(c[0].done_B), body, (prog, cache, key, jnp.int32(1)))
@@ -163,6 +159,7 @@ class Stats:
     tokens_generated: int  # all sequences, stop tokens included
     tokens_per_forward: float  # generated tokens over the passes each sequence took part in
     wall_s: float  # the decode call alone, compilation excluded
+    cpu_s: float  # CPU time of this process (all threads) over the same span: less sensitive to a shared machine
     compile_s: float
 
     @property
@@ -212,20 +209,20 @@ def run_decoder(fn: Callable[..., Any], static: dict[str, Any], mtp: MTP, params
     loop_args = (*prompt_args, stop_X, jax.random.key(seed), sampling)
     t0 = time.perf_counter()
     lowered = prefill.lower(mtp, params, *prompt_args, slots=slots)
-    h_NBD, cache = lowered.out_info
+    logits_BNV, cache = lowered.out_info
     first = lowered.compile()
-    rest = fn.lower(mtp, params, cache, h_NBD, *loop_args, max_new=max_new_tokens, mode=sampling.mode,
+    rest = fn.lower(mtp, params, cache, logits_BNV, *loop_args, max_new=max_new_tokens, mode=sampling.mode,
                     **static).compile()
-    t1 = time.perf_counter()
-    h_NBD, cache = first(params, *prompt_args)
-    prog, passes = jax.block_until_ready(rest(params, cache, h_NBD, *loop_args))[:2]
-    wall = time.perf_counter() - t1
+    t1, c1 = time.perf_counter(), time.process_time()
+    logits_BNV, cache = first(params, *prompt_args)
+    prog, passes = jax.block_until_ready(rest(params, cache, logits_BNV, *loop_args))[:2]
+    wall, cpu = time.perf_counter() - t1, time.process_time() - c1
     lengths, seq_passes = np.asarray(prog.length_B), np.asarray(prog.passes_B)
     total = prompt_BP.shape[1] + max_new_tokens
     tokens = np.asarray(prog.tokens_BS)[:, :total].copy()
     tokens[np.arange(total)[None, :] >= lengths[:, None]] = PAD
     new = int(np.sum(lengths - prompt_len_B))
-    stats = Stats(int(passes), new, new / max(int(seq_passes.sum()), 1), wall, t1 - t0)
+    stats = Stats(int(passes), new, new / max(int(seq_passes.sum()), 1), wall, cpu, t1 - t0)
     return Result(tokens, prompt_len_B, lengths, seq_passes, stats)
 
 

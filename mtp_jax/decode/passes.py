@@ -1,14 +1,16 @@
 """The cached forward passes of decoding: trunk and heads over fed tokens, writing the KV caches.
 
-A verify pass needs head 1 at every fed position (the target distributions), but heads 2..k
-only at ONE position, the last accepted one, to draft the next tokens. At the other fed
-positions those heads only need their key/value entries, so that later queries can attend to
-them. `verify_pass` therefore runs the trunk and head 1 on the fed tokens and, once the
-accepted count is known, heads 2..k write their entries at every fed position (`write_cache`,
-no attention or MLP) and run one query position against their caches. The entries they write
-are what running them fully would write (same z, same positions), so the outputs are
-unchanged. Chained head kinds (head i reads head i-1's output) cannot skip head i-1's output
-at any position; they fall back to the full pass (`forward_step` with every head).
+A verify pass needs head 1 at every fed position (the target distributions) but heads 2..k only
+at ONE position, the last accepted one, to draft the next tokens; at the other fed positions
+those heads only need their key/value entries, so that later queries can attend to them.
+`verify_pass` offers two ways to get exactly that. The wide pass runs every head at every fed
+position side by side and unembeds all of them at once: every weight is read once per pass,
+which is the cost of a memory-bound batch-1 pass (measured cheapest at batch 1). The reduced pass
+runs the trunk and head 1 on the fed tokens and, once the accepted count is known, each head 2..k
+writes its entries at every fed position and computes one query (`HeadKind.apply_at`): fewer
+FLOPs, one more unembedding read. Both write the entries a one-token-at-a-time pass would write
+(same z, same positions), so outputs are unchanged. Chained head kinds (head i reads head i-1's
+output) always take the wide pass, one head after another (`forward_step`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from mtp_jax.model.layers import KVCache
 from mtp_jax.model.transformer import MTP, Params
 
 Cache = dict[str, KVCache | None]
-Drafter = Callable[[jax.Array], tuple[jax.Array, Cache]]
+Drafter = Callable[[jax.Array], tuple[jax.Array, Cache]]  # index_B -> (draft logits (B, J, V), caches)
+
+
+def logits(mtp: MTP, params: Params, h_BTD: jax.Array) -> jax.Array:
+    return mtp.logits(mtp.shared(params), h_BTD)
 
 
 def at_index(x_NBT: jax.Array, index_B: jax.Array) -> jax.Array:
@@ -58,44 +64,61 @@ def forward_step(
     return h_NBTD[:heads], _set_heads({"trunk": trunk_cache, "heads": cache["heads"]}, 0, head_cache)
 
 
+def _vmap_heads(run: Callable, params: Params, cache: Cache, heads: int) -> tuple[jax.Array, Cache]:
+    """`run(params_i, cache_i)` for heads 1..`heads` side by side (vmapped over the stacked head
+    axis): one batched call reads each head's weights once. Slicing fewer than all n heads out of
+    the stacked weights copies them, so only a pass that needs fewer heads pays for it."""
+    n = jax.tree.leaves(params["heads"])[0].shape[0]
+    first = (lambda tree: tree) if heads == n else (lambda tree: _heads_slice(tree, 0, heads))
+    out, head_cache = jax.vmap(run)(first(params["heads"]), first(cache["heads"]))
+    if heads == n or head_cache is None:
+        return out, {"trunk": cache["trunk"], "heads": head_cache if heads == n else cache["heads"]}
+    return out, _set_heads(cache, 0, head_cache)
+
+
+def wide_pass(mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.Array, positions_BT: jax.Array,
+              heads: int) -> tuple[jax.Array, Cache]:
+    """Hidden states (heads, B, T, D) of heads 1..`heads` at every fed position; independent heads
+    run side by side (`_vmap_heads`), chained kinds one after the other (`forward_step`)."""
+    if mtp.head_kind.chained:
+        return forward_step(mtp, params, cache, tokens_BT, positions_BT, heads)
+    z_BTD, trunk_cache = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"])
+    run = lambda params_i, cache_i: mtp.head(params_i, z_BTD, positions_BT, None, cache_i)
+    return _vmap_heads(run, params, {"trunk": trunk_cache, "heads": cache["heads"]}, heads)
+
+
 def later_heads(mtp: MTP, params: Params, cache: Cache, z_BTD: jax.Array, positions_BT: jax.Array,
                 index_B: jax.Array, heads: int) -> tuple[jax.Array, Cache]:
-    """Heads 2..`heads`: hidden states (heads - 1, B, D) at fed index index_B only, after writing
-    their cache entries at every fed position."""
-    z_B1D = at_index(z_BTD[None], index_B)[0][:, None]
-    if heads == 1:
-        return jnp.zeros((0, *z_B1D.shape[::2]), z_BTD.dtype), cache
-    position_B1 = jnp.take_along_axis(positions_BT, index_B[:, None], axis=1)
-    j_count = heads - 1
-    h_JBD = jnp.zeros((j_count, *z_B1D.shape[::2]), z_BTD.dtype)
-
-    def one_head(i, carry):
-        # A loop over the whole stacked tree, not a scan over a slice of it: slicing heads 2..k
-        # out of the parameters and caches copies them every pass (a k = 4 pass then measured
-        # slower than the full pass, which slices nothing at k = n).
-        h_JBD, heads_cache = carry
-        params_i = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), params["heads"])
-        cache_i = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), heads_cache)
-        cache_i = mtp.head_kind.write_cache(params_i, z_BTD, positions_BT, cache_i)
-        h_B1D, cache_i = mtp.head(params_i, z_B1D, position_B1, None, cache_i)  # rewrites one entry, same value
-        heads_cache = jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(full, new, i, 0),
-                                   heads_cache, cache_i)
-        return h_JBD.at[i - 1].set(h_B1D[:, 0]), heads_cache
-
-    h_JBD, heads_cache = jax.lax.fori_loop(1, heads, one_head, (h_JBD, cache["heads"]))
-    return h_JBD, {"trunk": cache["trunk"], "heads": heads_cache}
+    """Logits (B, heads - 1, V) of heads 2..`heads` at fed index index_B only, after writing their
+    cache entries at every fed position (`HeadKind.apply_at`, which reads each weight once). Every
+    head runs (vmapped), head 1 too (rewriting its entries with the same values): measured, that
+    is cheaper than copying heads 2..k out of the stacked weights."""
+    run = lambda params_i, cache_i: mtp.head_kind.apply_at(params_i, z_BTD, positions_BT, index_B, cache_i)
+    h_NBD, cache = _vmap_heads(run, params, cache, mtp.cfg.mtp_heads)
+    return logits(mtp, params, h_NBD[1:heads].swapaxes(0, 1)), cache
 
 
 def verify_pass(mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.Array, positions_BT: jax.Array,
-                heads: int) -> tuple[jax.Array, Drafter]:
-    """Head 1's hidden states (B, T, D) at the fed positions, and `draft(index_B)`: heads
-    2..`heads` at fed index index_B (the last accepted) and the caches after the whole pass.
-    Reduced for independent head kinds, the full pass for chained ones."""
-    if mtp.head_kind.chained:
-        h_NBTD, cache = forward_step(mtp, params, cache, tokens_BT, positions_BT, heads)
-        return h_NBTD[0], lambda index_B: (at_index(h_NBTD[1:], index_B), cache)
-    z_BTD, h_BTD, cache = trunk_and_first_head(mtp, params, cache, tokens_BT, positions_BT)
-    return h_BTD, functools.partial(later_heads, mtp, params, cache, z_BTD, positions_BT, heads=heads)
+                heads: int, reduced: bool = False) -> tuple[jax.Array, Drafter]:
+    """Head 1's logits (B, T, V) at the fed positions, and `draft(index_B)`: the logits (B,
+    heads - 1, V) of heads 2..`heads` at fed index index_B (the last accepted) and the caches
+    after the whole pass.
+
+    Wide (default): every head at every fed position and ONE unembedding over all of them, the
+    drafts then picked at index_B: the weights of the trunk, of each head and the unembedding
+    are read once per pass, which is what a memory-bound batch-1 pass costs. Reduced: heads
+    2..k only at index_B (`later_heads`), fewer FLOPs but a second unembedding read once the
+    accepted count is known; it pays where a pass is compute-bound (large batches). Chained
+    kinds always take the wide pass (their `forward_step`)."""
+    if reduced and not mtp.head_kind.chained:
+        z_BTD, h_BTD, cache = trunk_and_first_head(mtp, params, cache, tokens_BT, positions_BT)
+        return logits(mtp, params, h_BTD), functools.partial(later_heads, mtp, params, cache, z_BTD, positions_BT,
+                                                             heads=heads)
+    h_NBTD, cache = wide_pass(mtp, params, cache, tokens_BT, positions_BT, heads)
+    n, b, t, d = h_NBTD.shape
+    logits_BNTV = logits(mtp, params, h_NBTD.swapaxes(0, 1).reshape(b, n * t, d)).reshape(b, n, t, -1)
+    drafts = jax.vmap(lambda logits_NTV, i: logits_NTV[1:, i])
+    return logits_BNTV[:, 0], lambda index_B: (drafts(logits_BNTV, index_B), cache)
 
 
 def trunk_and_first_head(mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.Array, positions_BT: jax.Array,
@@ -114,11 +137,16 @@ def trunk_and_first_head(mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.
 @functools.partial(jax.jit, static_argnames=("mtp", "slots"))
 def prefill(mtp: MTP, params: Params, prompt_BP: jax.Array, prompt_len_B: jax.Array, *,
             slots: int) -> tuple[jax.Array, Cache]:
-    """Every head's hidden state (N, B, D) at each prompt's last token, and caches of `slots`
-    slots holding the prompts: one (reduced) pass, so plain and speculative decoding of the
-    same shapes share this compiled function."""
+    """Every head's logits (B, N, V) at each prompt's last token, and caches of `slots` slots
+    holding the prompts: heads 2..n run at that token only (chained kinds: every head everywhere),
+    so plain and speculative decoding of the same shapes share this compiled function."""
     b, p = prompt_BP.shape
     positions_BP = jnp.broadcast_to(jnp.arange(p), (b, p))
-    h_BPD, draft = verify_pass(mtp, params, mtp.init_cache(b, slots), prompt_BP, positions_BP, mtp.cfg.mtp_heads)
-    h_JBD, cache = draft(prompt_len_B - 1)
-    return jnp.concatenate([at_index(h_BPD[None], prompt_len_B - 1), h_JBD]), cache
+    last_B = prompt_len_B - 1
+    if mtp.head_kind.chained:
+        h_NBPD, cache = forward_step(mtp, params, mtp.init_cache(b, slots), prompt_BP, positions_BP, mtp.cfg.mtp_heads)
+        return logits(mtp, params, at_index(h_NBPD, last_B).swapaxes(0, 1)), cache
+    z_BPD, h_BPD, cache = trunk_and_first_head(mtp, params, mtp.init_cache(b, slots), prompt_BP, positions_BP)
+    first_B1V = logits(mtp, params, at_index(h_BPD[None], last_B)[0][:, None])
+    later_BJV, cache = later_heads(mtp, params, cache, z_BPD, positions_BP, last_B, mtp.cfg.mtp_heads)
+    return jnp.concatenate([first_B1V, later_BJV], axis=1), cache

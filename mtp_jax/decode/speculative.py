@@ -6,8 +6,8 @@ token length - 1 is not fed yet; heads 2..k proposed k - 1 drafts for positions
 length .. length + k - 2 from z at position length - 2, drawn from distributions q.
 
 A pass feeds [token length - 1, drafts] at positions length - 1 .. length + k - 2, writing
-every cache there (`passes.verify_pass`: the trunk and head 1 run there, heads 2..k only write
-their key/value entries and run at the last accepted position). Head 1 then gives the target distribution p at each fed position; the
+every cache there (`passes.verify_pass`, wide or reduced). Head 1 then gives the target
+distribution p at each fed position; the
 drafts are accepted left to right (`verify`), the first rejected one replaced by a corrected
 token (or, all accepted, a bonus token follows), so a pass yields 1..k tokens. Fresh drafts
 come from heads 2..k at the last accepted position, whose z (like every z before it) now
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from mtp_jax.config import ConfigError
 from mtp_jax.decode.generate import (
-    Progress, Result, Sampling, append, draw, last_token, logits, run_decoder, sample_next, start, token_probs,
+    Progress, Result, Sampling, append, draw, last_token, run_decoder, sample_next, start, token_probs,
 )
 from mtp_jax.decode.passes import Cache, verify_pass
 from mtp_jax.model.transformer import MTP, Params
@@ -63,36 +63,35 @@ def verify(key: jax.Array, p_BKV: jax.Array, q_BJV: jax.Array, drafts_BJ: jax.Ar
     return accepted_B, new_BK
 
 
-def propose(mtp: MTP, params: Params, key: jax.Array, h_JBD: jax.Array, sampling: Sampling,
-            mode: str) -> tuple[jax.Array, jax.Array]:
+def propose(key: jax.Array, logits_BJV: jax.Array, sampling: Sampling, mode: str) -> tuple[jax.Array, jax.Array]:
     """Drafts (B, J) from heads 2..J+1 at one position, and the distributions they came from."""
-    q_BJV = token_probs(logits(mtp, params, h_JBD.swapaxes(0, 1)), sampling, mode)
+    q_BJV = token_probs(logits_BJV, sampling, mode)
     return draw(key, q_BJV, mode == "greedy"), q_BJV
 
 
-@functools.partial(jax.jit, static_argnames=("mtp", "k", "max_new", "mode"), donate_argnames=("cache",))
-def _speculate(mtp: MTP, params: Params, cache: Cache, h_NBD: jax.Array, prompt_BP: jax.Array, prompt_len_B: jax.Array,
-               stop_X: jax.Array, key: jax.Array, sampling: Sampling, *, k: int, max_new: int,
-               mode: str) -> tuple[Progress, jax.Array, Cache]:
+@functools.partial(jax.jit, static_argnames=("mtp", "k", "max_new", "mode", "reduced"), donate_argnames=("cache",))
+def _speculate(mtp: MTP, params: Params, cache: Cache, logits_BNV: jax.Array, prompt_BP: jax.Array,
+               prompt_len_B: jax.Array, stop_X: jax.Array, key: jax.Array, sampling: Sampling, *, k: int, max_new: int,
+               mode: str, reduced: bool = False) -> tuple[Progress, jax.Array, Cache]:
     """(progress, forward passes, caches) after the prefill; tests check that the caches hold
     only entries of the verified prefix."""
     key, key_first, key_draft = jax.random.split(key, 3)
     prog = start(prompt_BP, prompt_len_B, cache["trunk"].k_BSKE.shape[2])
-    prog = append(prog, sample_next(mtp, params, key_first, h_NBD[0], sampling, mode)[:, None],
+    prog = append(prog, sample_next(key_first, logits_BNV[:, 0], sampling, mode)[:, None],
                   jnp.ones(prompt_len_B.shape, jnp.int32), prompt_len_B, stop_X, max_new)
-    drafts_BJ, q_BJV = propose(mtp, params, key_draft, h_NBD[1:k], sampling, mode)
+    drafts_BJ, q_BJV = propose(key_draft, logits_BNV[:, 1:k], sampling, mode)
 
     def body(carry):
         prog, cache, key, drafts_BJ, q_BJV, passes = carry
         positions_BK = prog.length_B[:, None] - 1 + jnp.arange(k)
         fed_BK = jnp.concatenate([last_token(prog), drafts_BJ], axis=1)
-        h_BKD, draft = verify_pass(mtp, params, cache, fed_BK, positions_BK, heads=k)
-        p_BKV = token_probs(logits(mtp, params, h_BKD), sampling, mode)
+        logits_BKV, draft = verify_pass(mtp, params, cache, fed_BK, positions_BK, k, reduced)
+        p_BKV = token_probs(logits_BKV, sampling, mode)
         key, key_verify, key_draft = jax.random.split(key, 3)
         accepted_B, new_BK = verify(key_verify, p_BKV, q_BJV, drafts_BJ, mode == "greedy")
         prog = append(prog, new_BK, accepted_B + 1, prompt_len_B, stop_X, max_new)
-        h_JBD, cache = draft(accepted_B)
-        drafts_BJ, q_BJV = propose(mtp, params, key_draft, h_JBD, sampling, mode)
+        logits_BJV, cache = draft(accepted_B)
+        drafts_BJ, q_BJV = propose(key_draft, logits_BJV, sampling, mode)
         return prog, cache, key, drafts_BJ, q_BJV, passes + 1
 
     init = (prog, cache, key, drafts_BJ, q_BJV, jnp.int32(1))
@@ -101,10 +100,13 @@ def _speculate(mtp: MTP, params: Params, cache: Cache, h_NBD: jax.Array, prompt_
 
 
 def speculative_generate(mtp: MTP, params: Params, prompts: Sequence[Sequence[int]], k: int, max_new_tokens: int,
-                         sampling: Sampling = Sampling(), seed: int = 0, stop_tokens: Sequence[int] = ()) -> Result:
+                         sampling: Sampling = Sampling(), seed: int = 0, stop_tokens: Sequence[int] = (),
+                         reduced: bool = False) -> Result:
     """Decoding with heads 2..k drafting and head 1 verifying: up to k tokens per forward pass,
-    the same output as `generate` when greedy (the same distribution when sampling)."""
+    the same output as `generate` when greedy (the same distribution when sampling). `reduced`
+    picks the verify pass (`passes.verify_pass`)."""
     n = mtp.cfg.mtp_heads
     if not 1 <= k <= n:
         raise ConfigError(f"speculative k={k} must be between 1 and the model's {n} heads")
-    return run_decoder(_speculate, {"k": k}, mtp, params, prompts, max_new_tokens, sampling, seed, stop_tokens)
+    return run_decoder(_speculate, {"k": k, "reduced": reduced}, mtp, params, prompts, max_new_tokens, sampling, seed,
+                       stop_tokens)

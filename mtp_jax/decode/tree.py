@@ -27,7 +27,7 @@ from mtp_jax.config import ConfigError
 from mtp_jax.decode.generate import (
     Progress, Result, Sampling, append, last_token, logits, run_decoder, sample_next, start,
 )
-from mtp_jax.decode.passes import Cache, at_index, later_heads, trunk_and_first_head
+from mtp_jax.decode.passes import Cache, later_heads, trunk_and_first_head
 from mtp_jax.model.layers import KVCache
 from mtp_jax.model.transformer import MTP, Params
 
@@ -81,19 +81,19 @@ def compact(cache: KVCache, path_BK: jax.Array, start_B: jax.Array) -> KVCache:
     return KVCache(move(cache.k_BSKE, path_BK, start_B), move(cache.v_BSKE, path_BK, start_B))
 
 
-def candidates(mtp: MTP, params: Params, h_JBD: jax.Array, width: int) -> jax.Array:
+def candidates(logits_BJV: jax.Array, width: int) -> jax.Array:
     """(B, J, width) top tokens of heads 2..J+1."""
-    return jax.lax.top_k(logits(mtp, params, h_JBD.swapaxes(0, 1)), width)[1].astype(jnp.int32)
+    return jax.lax.top_k(logits_BJV, width)[1].astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("mtp", "widths", "max_new", "mode"), donate_argnames=("cache",))
-def _tree_decode(mtp: MTP, params: Params, cache: Cache, h_NBD: jax.Array, prompt_BP: jax.Array,
+def _tree_decode(mtp: MTP, params: Params, cache: Cache, logits_BNV: jax.Array, prompt_BP: jax.Array,
                  prompt_len_B: jax.Array, stop_X: jax.Array, key: jax.Array, sampling: Sampling, *,
                  widths: tuple[int, ...], max_new: int, mode: str) -> tuple[Progress, jax.Array, Cache]:
     tree, k, width = make_tree(widths), len(widths) + 1, max(widths)
     slots = cache["trunk"].k_BSKE.shape[2]
     prog = start(prompt_BP, prompt_len_B, slots)
-    prog = append(prog, sample_next(mtp, params, key, h_NBD[0], sampling, mode)[:, None],
+    prog = append(prog, sample_next(key, logits_BNV[:, 0], sampling, mode)[:, None],
                   jnp.ones(prompt_len_B.shape, jnp.int32), prompt_len_B, stop_X, max_new)
     depth, parent, rank, path = (jnp.asarray(x) for x in (tree.depth, tree.parent, tree.rank, tree.path))
 
@@ -120,10 +120,10 @@ def _tree_decode(mtp: MTP, params: Params, cache: Cache, h_NBD: jax.Array, promp
                                  compact(jax.tree.map(lambda x: x[:1], heads), path_BK, start_B))
         cache = {"trunk": compact(cache["trunk"], path_BK, start_B), "heads": heads}
         z_BKD = jnp.take_along_axis(z_BTD, path_BK[..., None], axis=1)
-        h_JBD, cache = later_heads(mtp, params, cache, z_BKD, start_B[:, None] + jnp.arange(k), d_B, k)
-        return prog, cache, candidates(mtp, params, h_JBD, width), passes + 1
+        logits_BJV, cache = later_heads(mtp, params, cache, z_BKD, start_B[:, None] + jnp.arange(k), d_B, k)
+        return prog, cache, candidates(logits_BJV, width), passes + 1
 
-    init = (prog, cache, candidates(mtp, params, h_NBD[1:k], width), jnp.int32(1))
+    init = (prog, cache, candidates(logits_BNV[:, 1:k], width), jnp.int32(1))
     prog, cache, _, passes = jax.lax.while_loop(lambda c: ~jnp.all(c[0].done_B), body, init)
     return prog, passes, cache
 

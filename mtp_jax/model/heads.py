@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 
 from mtp_jax.config import ModelConfig
+from mtp_jax.model.draft_block import at_index, block_at
 from mtp_jax.model.layers import Block, KVCache, param
 
 
@@ -32,7 +33,7 @@ class HeadKind(Protocol):
 
     `chained` kinds (head i reads head i-1's output, as the paper's causal ablation and
     DeepSeek-style sequential modules do) get that output as `prev_BTD`; independent kinds
-    ignore it. Only independent kinds can use `write_cache` in a reduced verify pass: a chained
+    ignore it. Only independent kinds can use `apply_at` in a reduced verify pass: a chained
     head's entries at a position need the previous head's full output there.
     """
 
@@ -54,6 +55,11 @@ class HeadKind(Protocol):
                     cache: KVCache | None) -> KVCache | None:
         """Head i's cache entries at these positions without its output (what `apply` would write)."""
 
+    def apply_at(self, params_i: dict, z_BTD: jax.Array, positions_BT: jax.Array, index_B: jax.Array,
+                 cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+        """Head i's hidden state (B, D) at fed index index_B only, and its cache entries written at
+        every fed position (what `apply` gives there and writes), each weight read once."""
+
 
 class TransformerHeads:
     """The paper's default: each head is one transformer block reading z (parallel heads)."""
@@ -73,6 +79,9 @@ class TransformerHeads:
 
     def write_cache(self, params_i, z_BTD, positions_BT, cache):
         return nnx.merge(self.block_def, params_i).write_cache(z_BTD, positions_BT, cache)
+
+    def apply_at(self, params_i, z_BTD, positions_BT, index_B, cache):
+        return block_at(nnx.merge(self.block_def, params_i), z_BTD, positions_BT, index_B, cache)
 
 
 class LinearProjection(nnx.Module):
@@ -98,6 +107,9 @@ class LinearHeads:
     def write_cache(self, params_i, z_BTD, positions_BT, cache):
         return cache
 
+    def apply_at(self, params_i, z_BTD, positions_BT, index_B, cache):
+        return at_index(z_BTD, index_B)[:, 0] @ params_i["kernel"].astype(z_BTD.dtype), cache
+
 
 class ChainedHeads(TransformerHeads):
     """The paper's causal ablation (head i is a block on top of head i-1's output, head 1 on z) and,
@@ -111,8 +123,11 @@ class ChainedHeads(TransformerHeads):
         x_BTD = z_BTD if prev_BTD is None else prev_BTD
         return nnx.merge(self.block_def, params_i)(x_BTD, positions_BT, segments_BT, cache, tree_mask_BTS)
 
-    def write_cache(self, params_i, z_BTD, positions_BT, cache):
-        raise ValueError("chained heads have no reduced verify pass: their cache entries need the previous head's output")
+    def write_cache(self, *args):
+        raise ValueError("chained heads have no reduced verify pass: their cache entries need the previous head's "
+                         "output")
+
+    apply_at = write_cache
 
 
 class AnticausalHeads(ChainedHeads):
