@@ -49,11 +49,16 @@ def _unchunked(x_NBC: jax.Array) -> jax.Array:
 
 def _chunk_logits(h_BCD, w_DV, t_BC, m_BC):
     logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV.astype(h_BCD.dtype), preferred_element_type=jnp.float32)
-    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    max_BC = jnp.max(logits_BCV, axis=-1)
+    lse_BC = max_BC + jnp.log(jnp.sum(jnp.exp(logits_BCV - max_BC[..., None]), axis=-1))
     target_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
     m_BC = m_BC.astype(jnp.float32)
     loss = jnp.sum((lse_BC - target_BC) * m_BC)
-    correct = jnp.sum((jnp.argmax(logits_BCV, axis=-1) == t_BC) * m_BC)
+    # Top-1 = the first index holding the row maximum (argmax's tie rule), from the max the log-sum-exp
+    # already needs: on CPU, XLA's argmax (a two-operand reduction) costs about as much as the logits matmul.
+    vocab = logits_BCV.shape[-1]
+    top1_BC = jnp.min(jnp.where(logits_BCV == max_BC[..., None], jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    correct = jnp.sum((top1_BC == t_BC) * m_BC)
     return logits_BCV, lse_BC, loss, correct
 
 
@@ -71,7 +76,10 @@ def chunked_xent(h_BTD: jax.Array, w_DV: jax.Array, t_BT: jax.Array, m_BT: jax.A
     return loss, correct
 
 
-def _xent_fwd(h_BTD, w_DV, t_BT, m_BT, chunk):
+def _xent_grads(h_BTD, w_DV, t_BT, m_BT, chunk: int, scale, dw_DV):
+    """One pass over the chunks: (CE sum, hits, dh (B, T, D), dw_DV + dw), the gradients already
+    multiplied by `scale`. The scan adds into the accumulator `dw_DV` it is given, so a caller that
+    passes its own running sum keeps one (D, V) buffer, never a second one to add afterwards."""
     c = chunk_size(h_BTD.shape[1], chunk)
     dt = h_BTD.dtype
 
@@ -79,15 +87,19 @@ def _xent_fwd(h_BTD, w_DV, t_BT, m_BT, chunk):
         h_BCD, t_BC, m_BC = xs
         logits_BCV, lse_BC, loss, correct = _chunk_logits(h_BCD, w_DV, t_BC, m_BC)
         dlogits_BCV = jnp.exp(logits_BCV - lse_BC[..., None]) - jax.nn.one_hot(t_BC, w_DV.shape[1], dtype=jnp.float32)
-        dlogits_BCV = (dlogits_BCV * m_BC[..., None].astype(jnp.float32)).astype(dt)
+        dlogits_BCV = (dlogits_BCV * (m_BC.astype(jnp.float32) * scale)[..., None]).astype(dt)
         dh_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, w_DV.astype(dt))
         dw_DV = acc[2] + jnp.einsum("bcd,bcv->dv", h_BCD, dlogits_BCV, preferred_element_type=jnp.float32)
         return (acc[0] + loss, acc[1] + correct, dw_DV), dh_BCD
 
     zero = jnp.zeros((), jnp.float32)
-    init = (zero, zero, jnp.zeros(w_DV.shape, jnp.float32))
-    (loss, correct, dw_DV), dh = jax.lax.scan(body, init, (_chunked(h_BTD, c), _chunked(t_BT, c), _chunked(m_BT, c)))
-    return (loss, correct), (_unchunked(dh), dw_DV.astype(w_DV.dtype))
+    (loss, correct, dw_DV), dh = jax.lax.scan(body, (zero, zero, dw_DV), (_chunked(h_BTD, c), _chunked(t_BT, c), _chunked(m_BT, c)))
+    return loss, correct, _unchunked(dh), dw_DV
+
+
+def _xent_fwd(h_BTD, w_DV, t_BT, m_BT, chunk):
+    loss, correct, dh_BTD, dw_DV = _xent_grads(h_BTD, w_DV, t_BT, m_BT, chunk, 1.0, jnp.zeros(w_DV.shape, jnp.float32))
+    return (loss, correct), (dh_BTD, dw_DV.astype(w_DV.dtype))
 
 
 def _xent_bwd(chunk, res, g):
@@ -159,19 +171,29 @@ def _heads_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights
     if mtp.head_kind.chained:
         return _chained_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights_N, counts_N)
 
+    b, t = z_BTD.shape[:2]
+
     def body(carry, xs):
-        dz_BTD, dshared = carry
+        dz_BTD, dnorm, dw_DV = carry
         hp, i, w = xs
-        head = lambda hp_, sh_, z_: _one_head(mtp, chunk, hp_, sh_, z_, None, tokens_BL, segments_BL, i, counts_N[i])
-        (loss, h_BTD), vjp, acc = jax.vjp(head, hp, shared, z_BTD, has_aux=True)
-        dhp, dsh, dz = vjp((w.astype(loss.dtype), jnp.zeros_like(h_BTD)))
-        dshared = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), dshared, dsh)
-        return (dz_BTD + dz.astype(jnp.float32), dshared), (dhp, loss, acc)
+
+        def hidden(hp_, norm_, z_):  # head i's normed hidden state: everything before the unembedding
+            h_BTD, _ = mtp.head(hp_, z_, _positions(b, t), segments_BL[:, :t], None, None)
+            return mtp.final_norm({"norm": norm_}, h_BTD)
+
+        hn_BTD, vjp = jax.vjp(hidden, hp, shared["norm"], z_BTD)
+        targets_BT, mask_BT = targets_for_head(tokens_BL, i + 1, t), mask_for_head(segments_BL, i + 1, t)
+        # The unembedding's gradient accumulates in place across heads (the carry goes into the chunk scan).
+        loss, correct, dhn_BTD, dw_DV = _xent_grads(hn_BTD, shared["unembed"], targets_BT, mask_BT, chunk,
+                                                    w / counts_N[i], dw_DV)
+        dhp, dn, dz = vjp(dhn_BTD)
+        dnorm = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), dnorm, dn)
+        return (dz_BTD + dz.astype(jnp.float32), dnorm, dw_DV), (dhp, loss / counts_N[i], correct / counts_N[i])
 
     n = weights_N.shape[0]
-    (dz_BTD, dshared), (dheads, losses, accs) = jax.lax.scan(
-        body, (_f32_zeros(z_BTD), _f32_zeros(shared)), (heads, jnp.arange(n), weights_N)
-    )
+    init = (_f32_zeros(z_BTD), _f32_zeros(shared["norm"]), _f32_zeros(shared["unembed"]))
+    (dz_BTD, dnorm, dw_DV), (dheads, losses, accs) = jax.lax.scan(body, init, (heads, jnp.arange(n), weights_N))
+    dshared = {"norm": dnorm, "unembed": dw_DV}
     return _finish(weights_N, losses, accs, dheads, dshared, dz_BTD, shared, z_BTD)
 
 

@@ -131,7 +131,8 @@ def test_model_loss_and_gradients_blockwise_equal_xla(monkeypatch):
 
 
 def test_auto_keeps_xla_for_short_sequences_and_blockwise_for_long():
-    assert attention.resolve("auto", 256, jnp.float32, "cpu") == "xla"
+    assert attention.resolve("auto", 128, jnp.float32, "cpu") == "xla"
+    assert attention.resolve("auto", 256, jnp.float32, "cpu") == "blockwise"
     assert attention.resolve("auto", 8192, jnp.float32, "cpu") == "blockwise"
     assert attention.resolve("auto", 8192, jnp.bfloat16, "tpu") == "splash"
     assert attention.resolve("auto", 256, jnp.bfloat16, "gpu") == "cudnn"

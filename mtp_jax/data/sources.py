@@ -18,6 +18,8 @@ import glob
 import hashlib
 import json
 import os
+import re
+import string
 import sysconfig
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -28,6 +30,18 @@ from mtp_jax.data.store import SPLITS  # noqa: F401 (re-exported: the splits a d
 # Vendored packages are not the standard library; its test suite (~3x the rest, full of deliberately
 # odd code and encodings) would dominate the corpus.
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "__pycache__"})
+
+# What a code-pretraining pipeline drops from the standard library (after StarCoder's filters):
+# files a program wrote (a generator's mark in the first lines: codec tables, Sphinx's pydoc topics,
+# token.py) and data tables: long lines, under a quarter ASCII letters and digits, or over a tenth
+# decimal digits or hex literals and escapes (html.entities, stringprep, the encodings). All byte
+# counts, so that the whole library is judged in about a second.
+GENERATED_MARK = re.compile(rb"auto-?generated|generated (?:by|from|with) \S*\.(?:py|txt)\b|do not edit", re.I)
+HEX_LITERAL = re.compile(rb"0[xX][0-9a-fA-F]+|\\[xuU][0-9a-fA-F]+")
+ALNUM, DIGITS = (string.ascii_letters + string.digits).encode(), string.digits.encode()
+HEAD_LINES = 5  # where a generator's mark is looked for
+MAX_LINE_BYTES, MAX_MEAN_LINE_BYTES = 1000, 100
+MIN_ALNUM_FRACTION, MAX_DIGIT_FRACTION, MAX_HEX_FRACTION = 0.25, 0.1, 0.1
 
 # (name, size in bytes, read(limit) -> at most `limit` raw bytes): reading is deferred so that
 # `max_bytes` stops before touching the rest of a large corpus.
@@ -135,13 +149,31 @@ def raw_documents(cfg: DataConfig, files: list[tuple[str, Path]] | None = None) 
     return _file_documents(files)
 
 
+def looks_like_code(data: bytes) -> bool:
+    """False for a generated file or a data table (the rules above): a few percent of the standard
+    library that would otherwise teach a small model hex tables instead of Python."""
+    lines = data.splitlines()
+    if not lines:
+        return False
+    if GENERATED_MARK.search(b"\n".join(lines[:HEAD_LINES])):
+        return False
+    if max(map(len, lines)) > MAX_LINE_BYTES or len(data) > MAX_MEAN_LINE_BYTES * len(lines):
+        return False
+    counted = lambda keep: len(data) - len(data.translate(None, keep))  # bytes of data that are in `keep`
+    hex_bytes = sum(map(len, HEX_LITERAL.findall(data)))
+    return (counted(ALNUM) >= MIN_ALNUM_FRACTION * len(data) and counted(DIGITS) <= MAX_DIGIT_FRACTION * len(data)
+            and hex_bytes <= MAX_HEX_FRACTION * len(data))
+
+
 def _stdlib_files() -> list[tuple[str, Path]]:
+    """The standard library's own modules, less tests, vendored packages and `looks_like_code` rejects."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in STDLIB_SKIP_DIRS]
         found += [Path(folder, f) for f in files if f.endswith(".py")]
-    return sorted((p.relative_to(root).as_posix(), p) for p in found)
+    kept = [p for p in found if looks_like_code(p.read_bytes())]
+    return sorted((p.relative_to(root).as_posix(), p) for p in kept)
 
 
 def _files(value: str, suffix: str = "") -> list[tuple[str, Path]]:
