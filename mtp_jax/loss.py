@@ -183,10 +183,17 @@ def _heads_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights
 
         hn_BTD, vjp = jax.vjp(hidden, hp, shared["norm"], z_BTD)
         targets_BT, mask_BT = targets_for_head(tokens_BL, i + 1, t), mask_for_head(segments_BL, i + 1, t)
-        # The unembedding's gradient accumulates in place across heads (the carry goes into the chunk scan).
-        loss, correct, dhn_BTD, dw_DV = _xent_grads(hn_BTD, shared["unembed"], targets_BT, mask_BT, chunk,
-                                                    w / counts_N[i], dw_DV)
+        # The unembedding's gradient accumulates in place across heads (the carry goes into the chunk scan);
+        # a head with its own unembedding (replicated) gets a fresh accumulator, returned in its gradient.
+        own = mtp.head_kind.own_unembedding
+        acc_DV = jnp.zeros(hp["unembed"].shape, jnp.float32) if own else dw_DV
+        loss, correct, dhn_BTD, acc_DV = _xent_grads(hn_BTD, mtp.head_unembedding(shared, hp), targets_BT, mask_BT,
+                                                     chunk, w / counts_N[i], acc_DV)
         dhp, dn, dz = vjp(dhn_BTD)
+        if own:
+            dhp = {**dhp, "unembed": acc_DV.astype(hp["unembed"].dtype)}
+        else:
+            dw_DV = acc_DV
         dnorm = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), dnorm, dn)
         return (dz_BTD + dz.astype(jnp.float32), dnorm, dw_DV), (dhp, loss / counts_N[i], correct / counts_N[i])
 
