@@ -121,6 +121,7 @@ def model_loss(attn):
     return compile_fast(jax.jit(jax.value_and_grad(fn)), params)(params)
 
 
+@pytest.mark.slow
 def test_model_loss_and_gradients_blockwise_equal_xla(monkeypatch):
     """Full MTP loss (trunk + 2 heads, GQA, documents, odd T) at rtol 1e-5, blockwise over 5 blocks."""
     monkeypatch.setattr(attention, "BLOCK", 7)

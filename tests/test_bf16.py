@@ -14,6 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model.transformer import MTP
@@ -23,6 +24,7 @@ from test_model import random_params
 REL_ERR = 0.04  # per parameter: |g_bf16 - g_fp32| / |g_fp32| (Frobenius)
 
 
+@pytest.mark.slow
 def test_bf16_gradients_match_fp32(tiny, make_batch, fast) -> None:
     cfg = tiny(model__mtp_heads=3, model__n_layers=5, train__seq_len=24, model__dtype="float32").model
     batch = make_batch(4, 24 + 3, cfg.vocab_size, seed=1)

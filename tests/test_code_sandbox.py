@@ -80,12 +80,14 @@ def test_infinite_loop_hits_the_cpu_limit(box):
     assert outcome.status == "timeout" and time.monotonic() - start < QUICK.timeout_s + 2
 
 
+@pytest.mark.slow
 def test_sleeping_hits_the_wall_clock_limit(box):
     start = time.monotonic()
     assert box.run("import time\ntime.sleep(1000)").status == "timeout"
     assert time.monotonic() - start < QUICK.timeout_s + 2
 
 
+@pytest.mark.slow
 def test_sleeping_after_printing_a_pass_is_no_pass(box):
     program = "print('PASS')\nprint('ok')\nimport time\ntime.sleep(1000)"
     assert box.run(program).status == "timeout"
@@ -96,6 +98,7 @@ def test_exit_before_the_asserts_is_no_pass(box):
     assert (outcome.status, outcome.error_type) == ("fail", "exit 0")
 
 
+@pytest.mark.slow
 def test_fork_bomb_is_contained_and_cleaned_up(box):
     program = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     start = time.monotonic()
@@ -174,6 +177,7 @@ def test_killing_the_parent_process_group_and_others_fails(box):
         victim.wait()
 
 
+@pytest.mark.slow
 def test_network_connections_fail(box):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -208,6 +212,7 @@ def test_each_worker_slot_has_its_own_uid(box):
         assert len(uids) == 2 and uids <= set(slot_uids(box))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the uid level needs root")
 def test_uid_level_without_namespaces():
     with Sandbox(QUICK, workers=1, level="uid") as sandbox:
@@ -217,6 +222,7 @@ def test_uid_level_without_namespaces():
         assert processes_of(slot_uids(sandbox)) == []  # the escaped session was killed by uid
 
 
+@pytest.mark.slow
 def test_unprotected_level_still_limits_time_and_memory():
     with Sandbox(QUICK, workers=1, level="none") as sandbox:
         assert [sandbox.run(p).status for p in ("assert True", "while True: pass", "x = bytearray(100 * 2**30)")] == [

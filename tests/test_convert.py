@@ -41,6 +41,7 @@ def test_torch_reader_honours_strides_offsets_and_dtypes():
     assert tensors["half"].dtype == np.float16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["meta", "hf"])
 def test_conversion_reproduces_reference_logits(runs, name):
     ref = np.load(FIX / f"{name}_tiny" / "reference.npz")
@@ -83,6 +84,7 @@ def test_export_was_checked_in_transformers():
     assert result["max_abs_diff_head1"] < 1e-4 and result["tokenizer_ids_match_mtp_jax"]
 
 
+@pytest.mark.slow
 def test_dropping_the_side_file_gives_the_next_token_model(runs, tmp_path):
     convert(["to-hf", str(runs / "meta"), str(tmp_path / "hf")])
     (tmp_path / "hf" / "mtp_heads.safetensors").unlink()
@@ -93,6 +95,7 @@ def test_dropping_the_side_file_gives_the_next_token_model(runs, tmp_path):
     np.testing.assert_allclose(logits[0], ref["logits"][0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_add_heads_copies_the_last_block(runs, tmp_path):
     convert(["from-hf", str(FIX / "hf_tiny"), str(tmp_path / "n3"), "--add-heads", "2"])
     cfg, _, _, params = load_run(tmp_path / "n3")

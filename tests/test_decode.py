@@ -121,6 +121,7 @@ def naive_greedy(mtp: MTP, params, prompts: list[list[int]], max_new: int) -> li
     return [row[len(p) : n].tolist() for row, p, n in zip(tokens, prompts, lengths)]
 
 
+@pytest.mark.slow
 def test_greedy_matches_no_cache_loop(mtp, models):
     prompts = batch_prompts()
     result = generate(mtp, models["random"], prompts, MAX_NEW)
@@ -142,6 +143,7 @@ def greedy_runs(mtp, models) -> dict:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, reduced", [(k, False) for k in range(2, N + 1)] + [(N, True)])
 @pytest.mark.parametrize("model", ["random", "partial", "trained"])
 def test_speculative_equals_greedy_in_a_batch(mtp, models, greedy_runs, model, k, reduced):
@@ -151,6 +153,7 @@ def test_speculative_equals_greedy_in_a_batch(mtp, models, greedy_runs, model, k
     np.testing.assert_array_equal(spec.tokens, greedy.tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["random", "partial", "trained"])
 def test_speculative_equals_greedy_alone(mtp, models, model):
     """Batch 1, against the no-cache loop (the cached greedy equals it, see the first test)."""
@@ -174,6 +177,7 @@ def test_speculative_equals_greedy_in_bf16(cfg, models):
             assert spec.completions() == greedy.completions(), (name, k)
 
 
+@pytest.mark.slow
 def test_trained_heads_accept_drafts(mtp, models):
     prompts = walk(np.random.default_rng(3), 3, 9).tolist()  # the batch tests' shape: no new compile
     runs = [speculative_generate(mtp, models["trained"], prompts, k, MAX_NEW) for k in range(1, N + 1)]
@@ -221,6 +225,7 @@ def jitted_reference_caches(mtp: MTP):
     return jax.jit(caches)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["chain", "reduced chain", "tree"])
 @pytest.mark.parametrize("model", ["partial", "trained"])
 def test_caches_hold_only_verified_entries(mtp, models, model, decoder):
@@ -247,6 +252,7 @@ def test_caches_hold_only_verified_entries(mtp, models, model, decoder):
             np.testing.assert_allclose(np.asarray(got_leaf)[:, b, :n], np.asarray(want_leaf)[:, b, :n], atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduced", [True, False])
 @pytest.mark.parametrize("model", ["partial", "trained"])
 def test_verify_pass_equals_feeding_tokens_one_at_a_time(mtp, models, model, reduced):
@@ -302,6 +308,7 @@ def test_linear_heads_speculative_equals_no_cache_greedy(reduced):
     assert spec.completions() == _uncached_greedy(mtp, params, prompts, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["random", "partial", "trained"])
 def test_tree_equals_greedy_in_a_batch(mtp, models, greedy_runs, model):
     stop, greedy = greedy_runs[model]
@@ -309,6 +316,7 @@ def test_tree_equals_greedy_in_a_batch(mtp, models, greedy_runs, model):
     np.testing.assert_array_equal(tree.tokens, greedy.tokens)
 
 
+@pytest.mark.slow
 def test_tree_accepts_more_than_the_chain(mtp, models):
     prompts = walk(np.random.default_rng(3), 3, 9).tolist()
     chain = speculative_generate(mtp, models["partial"], prompts, N, MAX_NEW)
@@ -333,6 +341,7 @@ def test_make_tree_by_hand():
     assert tree.ancestors[6].tolist() == [True, False, True, False, False, False, True]
 
 
+@pytest.mark.slow
 def test_top_k_1_and_tiny_top_p_are_greedy(mtp, models):
     params, prompts = models["random"], batch_prompts()
     greedy = generate(mtp, params, prompts, MAX_NEW).completions()
@@ -363,6 +372,7 @@ def test_verify_greedy_accepts_only_a_matching_prefix():
     assert new[2, 2] == 7
 
 
+@pytest.mark.slow
 def test_verify_keeps_the_target_distribution():
     """Drafts from q, accepted with min(1, p/q), else corrected from norm(max(0, p - q)): each
     emitted token follows p exactly, whatever q is."""
@@ -449,6 +459,7 @@ def test_cli_missing_run_dir(tmp_path, capsys):
     assert exit_info.value.code == 2 and err.startswith("error: ") and "not a run directory" in err
 
 
+@pytest.mark.slow
 def test_cli_prints_completion_and_stats(run_dir, cfg, mtp, models, capsys, monkeypatch):
     import mtp_jax.run
 
@@ -462,6 +473,7 @@ def test_cli_prints_completion_and_stats(run_dir, cfg, mtp, models, capsys, monk
     assert stats.startswith(f"[{len(want)} tokens, ") and "tokens/pass" in stats and "tokens/s" in stats
 
 
+@pytest.mark.slow
 def test_decoding_sees_the_contexts_training_sees(run_dir, cfg, mtp, models, capsys, monkeypatch):
     """mtp-generate feeds the prompt as a document start with nothing before it (no end-of-text
     token); head 1's distribution there is the training forward's at that document inside a

@@ -37,6 +37,7 @@ def test_every_golden_has_an_experiment() -> None:
     assert {p.name for p in GOLDEN.glob("*.yaml")} == expected
 
 
+@pytest.mark.slow
 def test_paper_shapes_are_parameter_matched() -> None:
     """For every size, n = 1, 2 and 4 have the same number of parameters (counted from the
     model's parameter tree): the n - 1 extra heads cost exactly the trunk blocks they replace."""

@@ -54,6 +54,7 @@ def diverged(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return run_dir, subprocess.CompletedProcess([], code, out, err)
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_every_good_checkpoint(diverged) -> None:
     run_dir, done = diverged
     assert done.returncode == EXIT_DIVERGED, done.stderr[-2000:]
@@ -70,6 +71,7 @@ def test_divergence_stops_and_keeps_every_good_checkpoint(diverged) -> None:
     assert not list((run_dir / "checkpoints").glob("*tmp*"))
 
 
+@pytest.mark.slow
 def test_guard_keeps_old_state_on_a_non_finite_step(tiny) -> None:
     """The jitted guard alone: a non-finite loss leaves params and optimizer state bit-identical."""
     cfg = resolve_vocab(tiny(), 64)
@@ -88,6 +90,7 @@ def test_guard_keeps_old_state_on_a_non_finite_step(tiny) -> None:
     assert float(metrics["skipped"]) == 1.0
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_at_once(tmp_path: Path) -> None:
     run_dir, marker = tmp_path / "run", tmp_path / "paused"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MTP_PAUSE_AT": "startup", "MTP_PAUSE_FILE": str(marker)}
@@ -192,6 +195,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2(case: str, diverged, tmp_path: Path) -> None:
     setup, words = BAD_INPUTS[case]
@@ -203,6 +207,7 @@ def test_bad_input_is_one_line_exit_2(case: str, diverged, tmp_path: Path) -> No
     assert tree_listing(diverged[0]) == before  # nothing in the shared run changed
 
 
+@pytest.mark.slow
 def test_refused_resume_leaves_the_run_directory_as_it_was(diverged, tmp_path: Path) -> None:
     run = copy_run(diverged, tmp_path)
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
@@ -211,6 +216,7 @@ def test_refused_resume_leaves_the_run_directory_as_it_was(diverged, tmp_path: P
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == files
 
 
+@pytest.mark.slow
 def test_eval_is_read_only_and_records_its_step(diverged, tmp_path: Path) -> None:
     """A damaged newer checkpoint: mtp-eval falls back to the newest good step, renames nothing, and writes
     only the step-named result."""

@@ -178,6 +178,7 @@ DENIED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:os.fork")  # preexec_fn forks; it only calls prctl, which takes no lock
 @pytest.mark.parametrize("case", list(DENIED))
 def test_permission_denied_is_one_line_exit_2(case: str, tmp_path: Path) -> None:

@@ -115,8 +115,9 @@ REFERENCES = {"causal": (_reference_loss, False), "anticausal": (_reference_loss
               "sequential": (_reference_sequential, None), "replicated": (_reference_replicated, None)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(REFERENCES))
-@pytest.mark.parametrize("impl", ["flat", pytest.param("naive", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("impl", ["flat", "naive"])
 def test_loss_and_grads_match_equations(kind, impl):
     mtp, batch = _mtp(kind), _batch()
     params = _params(mtp)
@@ -138,6 +139,7 @@ def test_chaining_changes_the_heads():
     assert len({round(v, 4) for v in losses.values()}) == len(kinds), losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sequential", "replicated"])
 def test_packed_documents_train_as_if_apart(kind):
     """Two documents packed in one window give the CE sums of the same documents in rows of their own

@@ -36,6 +36,7 @@ def make_run(run_dir: Path, n: int) -> tuple[MTP, dict]:
     return mtp, params
 
 
+@pytest.mark.slow
 def test_keep_one_head_gives_the_next_token_model(tmp_path: Path):
     mtp, params = make_run(tmp_path / "n4", 4)
     assert main(["heads", str(tmp_path / "n4"), str(tmp_path / "n1"), "--keep", "1"]) == 0
@@ -46,7 +47,8 @@ def test_keep_one_head_gives_the_next_token_model(tmp_path: Path):
     np.testing.assert_array_equal(np.asarray(new_mtp.forward(new_params, TOKENS)), np.asarray(want))
 
 
-@pytest.mark.parametrize("n", [pytest.param(1, marks=pytest.mark.slow), 2])
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2])
 def test_added_heads_start_as_copies_of_the_last_head(tmp_path: Path, n: int):
     mtp, params = make_run(tmp_path / "src", n)
     assert main(["heads", str(tmp_path / "src"), str(tmp_path / "more"), "--add-heads", "2"]) == 0

@@ -35,6 +35,7 @@ def slices(key: str, x: np.ndarray) -> list[np.ndarray]:
     return list(x) if key.startswith(("['trunk']", "['heads']")) else [x]
 
 
+@pytest.mark.slow
 def test_scales_follow_the_config(init) -> None:
     cfg, _, flat = init
     for key, x in flat.items():

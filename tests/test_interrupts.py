@@ -58,6 +58,7 @@ def test_ctrl_c_at_startup(tmp_path: Path) -> None:
     assert leftovers(tmp_path / "run") == [] and not (tmp_path / "run" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_step_keeps_committed_checkpoints(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     interrupted(paused_trainer(run_dir, "step:3", tmp_path / "at", "train.async_checkpoint=false"))
@@ -74,6 +75,7 @@ def test_ctrl_c_mid_save_leaves_nothing_the_resume_trips_on(tmp_path: Path) -> N
     assert "unreadable" not in err and checkpoint_steps(run_dir)[-1] == 6
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_forces_exit(tmp_path: Path) -> None:
     """The first Ctrl-C starts the tidy-up, which pauses; only a second Ctrl-C can end it (grace period raised)."""
     run_dir, marker = tmp_path / "run", tmp_path / "at"

@@ -80,6 +80,7 @@ def test_bad_schedule_settings_are_one_line():
         load_config(None, ["train.curriculum_every=0"])
 
 
+@pytest.mark.slow
 def test_train_step_uses_the_weights_of_its_step():
     """One SGD step at state step 1 (deepseek lambda 0.3 until step 3; forward curriculum, 2 steps per
     stage: head 1 only): the reported loss is sum_i w_i(1) L_i and the inactive heads get no update."""

@@ -122,7 +122,9 @@ def test_chunk_size_is_largest_divisor_not_above_request(length: int, requested:
 
 # Each head type and each embedding mode once (with the n = 1 and metrics tests below, transformer
 # heads are also checked untied); four combinations would double the compile time.
-@pytest.mark.parametrize("head_type,tie", [("transformer", True), ("linear", False)])
+@pytest.mark.parametrize(
+    "head_type,tie", [pytest.param("transformer", True, marks=pytest.mark.slow), ("linear", False)]
+)
 def test_loss_and_grads_match_reference(tiny, make_batch, fast, head_type: str, tie: bool) -> None:
     """3 heads, weights (1, .5, .25), GQA, documents + padding, ce_chunk 5 over T=24 (chunks of 4)."""
     cfg = tiny(model__head_type=head_type, model__tie_embeddings=tie, model__mtp_heads=3, model__n_layers=5,
@@ -141,6 +143,7 @@ def test_loss_and_grads_match_reference(tiny, make_batch, fast, head_type: str, 
         assert_trees_close(grads, ref_g)
 
 
+@pytest.mark.slow
 def test_per_head_metrics_count_only_masked_in_targets(tiny, make_batch, fast) -> None:
     """Zero unembedding: every logit is 0, the loss is ln V, and the top-1 guess is token 0 at
     every position, so accuracy_i must be the share of token-0 targets among head i's valid
@@ -171,6 +174,7 @@ def test_per_head_metrics_count_only_masked_in_targets(tiny, make_batch, fast) -
             np.testing.assert_allclose(metrics[f"accuracy/head_{i}"], expected, rtol=RTOL, err_msg=f"{impl} head {i}")
 
 
+@pytest.mark.slow
 def test_single_head_equals_plain_next_token_model(tiny, make_batch, fast) -> None:
     """n = 1: the trunk blocks then the one head block are an ordinary n_layers-deep LM."""
     cfg = tiny(model__mtp_heads=1, model__n_layers=3, model__kv_heads=0, train__seq_len=16)

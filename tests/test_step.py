@@ -125,6 +125,7 @@ def single_device(step_cfg, step_batch) -> SingleDevice:
 
 
 # --- tests -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_batch(single_device, step_batch) -> None:
     """micro_batches=2 averages two micro-batch means; equal to the full-batch mean when both
     micro-batches (rows of even and of odd index) have the same number of valid targets."""
@@ -197,6 +198,7 @@ def test_tiny_model_overfits_one_batch(single_device, step_batch) -> None:
     assert losses[-1] < 0.1 * losses[0], losses[::25]
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_params_and_close_loss(step_cfg, step_batch, single_device) -> None:
     """model.dtype=bfloat16 is compute only: master parameters and their updates stay float32."""
     cfg = with_train(step_cfg)

@@ -171,6 +171,7 @@ def test_generated_sources_need_bytes() -> None:
     assert len(texts["train"]) == 30 and len(texts["val"]) == 4 * 5  # val: the in-domain test set
 
 
+@pytest.mark.slow
 def test_teacher_forced_pass_gives_the_greedy_answer() -> None:
     """Greedy-decode 5 tokens after a prompt with a random model, then score prompt + that output
     teacher-forced: every answer position must agree (exact match), so the alignment is right."""
