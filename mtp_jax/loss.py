@@ -25,10 +25,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.heads import head_slice, mask_for_head, processing_order, targets_for_head
+from mtp_jax.model.heads import head_slice, processing_order
 from mtp_jax.model.transformer import MTP, Params
 
 Metrics = dict[str, jax.Array]
+
+
+def mask_for_head(segments_BL: jax.Array, offset: int | jax.Array, length: int) -> jax.Array:
+    """Head predicting t+offset trains at t only if t and t+offset are in the same (non-padding) document."""
+    here = segments_BL[:, :length]
+    there = jax.lax.dynamic_slice_in_dim(segments_BL, offset, length, axis=1)
+    return (here == there) & (there != 0)
+
+
+def targets_for_head(tokens_BL: jax.Array, offset: int | jax.Array, length: int) -> jax.Array:
+    """Head predicting t+offset learns tokens[t + offset] at position t."""
+    return jax.lax.dynamic_slice_in_dim(tokens_BL, offset, length, axis=1)
 
 
 def chunk_size(length: int, requested: int) -> int:

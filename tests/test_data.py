@@ -13,7 +13,7 @@ import pytest
 from mtp_jax.config import ConfigError, load_config
 from mtp_jax.data import pipeline, prepare, sources
 from mtp_jax.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
-from mtp_jax.model.heads import mask_for_head
+from mtp_jax.loss import mask_for_head
 
 T, N, B = 16, 3, 4  # seq_len, mtp heads, global batch
 WORDS = "alpha beta gamma delta λ 数据 def return class import".split()

@@ -220,14 +220,3 @@ def processing_order(kind: HeadKind, n: int) -> list[int]:
 def head_slice(heads_params: dict, i: int | jax.Array) -> dict:
     """Head i's parameters out of the stacked tree."""
     return jax.tree.map(lambda x: x[i], heads_params)
-
-
-def mask_for_head(segments_BL: jax.Array, offset: int | jax.Array, length: int) -> jax.Array:
-    """Head predicting t+offset trains at t only if t and t+offset are in the same (non-padding) document."""
-    here = segments_BL[:, :length]
-    there = jax.lax.dynamic_slice_in_dim(segments_BL, offset, length, axis=1)
-    return (here == there) & (there != 0)
-
-
-def targets_for_head(tokens_BL: jax.Array, offset: int | jax.Array, length: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(tokens_BL, offset, length, axis=1)
