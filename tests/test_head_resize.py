@@ -27,7 +27,8 @@ def make_run(run_dir: Path, n: int) -> tuple[MTP, dict]:
     """A run directory holding random weights (params only, as a converted run)."""
     cfg = load_config(None, ["model.d_model=32", f"model.n_layers={2 + n}", "model.attn_heads=2",
                              f"model.mtp_heads={n}", "model.dtype=float32", "data.tokenizer=bytes",
-                             "data.max_bytes=200000", "train.batch_size=2", "train.seq_len=16", "train.progress=false",
+                             "data.max_bytes=200000", "data.val_fraction=0.3", "train.batch_size=2", "train.seq_len=16",
+                             "train.progress=false",
                              "train.tensorboard=false", "train.eval_batches=1", "optim.warmup_steps=1"])
     cfg = resolve_vocab(cfg, ByteTokenizer().vocab_size)
     mtp = MTP(cfg.model)

@@ -110,7 +110,8 @@ def test_train_step_uses_the_weights_of_its_step():
 def test_mtp_train_logs_the_scheduled_loss(tmp_path: Path):
     run_dir = tmp_path / "run"
     args = ["model.d_model=32", "model.n_layers=4", "model.attn_heads=2", "model.mtp_heads=3", "data.tokenizer=bytes",
-            "data.max_bytes=200000", "train.batch_size=4", "train.seq_len=32", "train.log_every=1", "train.steps=6",
+            "data.max_bytes=200000", "data.val_fraction=0.3", "train.batch_size=4", "train.seq_len=32", "train.log_every=1",
+            "train.steps=6",
             "train.eval_batches=1", "train.tensorboard=false", "train.progress=false", "optim.warmup_steps=1",
             "train.loss_schedule=deepseek", "train.loss_lambda_step=4", "train.n_curriculum=reverse",
             "train.curriculum_every=2", f"train.run_dir={run_dir}"]
