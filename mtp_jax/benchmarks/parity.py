@@ -25,6 +25,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from mtp_jax import sharding
 from mtp_jax.benchmarks.throughput import Timed, mtp_model
 from mtp_jax.config import MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from mtp_jax.errors import ArgParser, guarded
 from mtp_jax.flops import model_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,8 +139,10 @@ def summarise(name, secs, cfgs, tcfg, mm_flops, ns, steps, torch_info) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@guarded
+def main(argv: list[str]) -> int:
+    ap = ArgParser(prog="python -m mtp_jax.benchmarks.parity", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--torch-python", required=True, help="an interpreter with torch installed (not this venv)")
     ap.add_argument("--peer", default=str(ROOT.parent / "shared" / "peers" / "torch_mtp.py"))
     ap.add_argument("--shapes", default="small,large", help=f"comma-separated, of {', '.join(SHAPES)}")
@@ -158,8 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {s: measure_shape(s, args) for s in args.shapes.split(",")}
     result["cpus"] = len(os.sched_getaffinity(0))  # `taskset -c 0 ...` gives each engine one core
     print(json.dumps(result))
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
