@@ -84,14 +84,20 @@ class StepFns:
 
         def accumulate(carry, mb):
             (loss, aux), grads = grad_fn(state["params"], mb, counts_N, weights_N)
+            if carry is None:
+                return (grads, as_metrics(loss, aux)), None
             add = lambda a, g: a + g.astype(jnp.float32)
             return jax.tree.map(add, carry, (grads, as_metrics(loss, aux))), None
 
-        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
-        micro_batches = jax.tree.map(micro, batch)
-        first = jax.tree.map(lambda b: b[0], micro_batches)
-        metrics_shape = jax.eval_shape(lambda p, b: as_metrics(*self._loss(p, b)), state["params"], first)
-        (grads, metrics), _ = jax.lax.scan(accumulate, (zeros(state["params"]), zeros(metrics_shape)), micro_batches)
+        if m == 1:  # no accumulator: a zeroed float32 copy of the parameters and a pass adding to it
+            (grads, metrics), _ = accumulate(None, batch)
+        else:
+            zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+            micro_batches = jax.tree.map(micro, batch)
+            first = jax.tree.map(lambda b: b[0], micro_batches)
+            metrics_shape = jax.eval_shape(lambda p, b: as_metrics(*self._loss(p, b)), state["params"], first)
+            (grads, metrics), _ = jax.lax.scan(accumulate, (zeros(state["params"]), zeros(metrics_shape)),
+                                               micro_batches)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.global_norm(grads)

@@ -82,6 +82,18 @@ def _cpu_dense_bwd(res, dy_BTF):
 _cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
 
 
+def project(x_BTD: jax.Array, w_DHE: jax.Array) -> jax.Array:
+    """x @ w per head, (B, T, D) x (D, H, E) -> (B, T, H, E), as one `dense` (row-major gradients on CPU)."""
+    d, h, e = w_DHE.shape
+    return dense(x_BTD, w_DHE.reshape(d, h * e)).reshape(*x_BTD.shape[:-1], h, e)
+
+
+def unproject(x_BTHE: jax.Array, w_HED: jax.Array) -> jax.Array:
+    """Heads back to the model width, (B, T, H, E) x (H, E, D) -> (B, T, D), as one `dense`."""
+    h, e, d = w_HED.shape
+    return dense(x_BTHE.reshape(*x_BTHE.shape[:-2], h * e), w_HED.reshape(h * e, d))
+
+
 class KVCache(NamedTuple):
     """Preallocated keys/values of one block; slot s holds absolute position s."""
 
@@ -115,8 +127,8 @@ class Attention(nnx.Module):
     def keys_values(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Rotated keys and values (B, T, K, E) of these (normed) inputs."""
         dt = x_BTD.dtype
-        k = rope(jnp.einsum("btd,dke->btke", x_BTD, self.wk[...].astype(dt)), positions_BT, self.theta, self.rope_layout)
-        return k, jnp.einsum("btd,dke->btke", x_BTD, self.wv[...].astype(dt))
+        k = rope(project(x_BTD, self.wk[...].astype(dt)), positions_BT, self.theta, self.rope_layout)
+        return k, project(x_BTD, self.wv[...].astype(dt))
 
     def __call__(
         self,
@@ -127,7 +139,7 @@ class Attention(nnx.Module):
         tree_mask_BTS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         dt = x_BTD.dtype
-        q = rope(jnp.einsum("btd,dhe->bthe", x_BTD, self.wq[...].astype(dt)), positions_BT, self.theta, self.rope_layout)
+        q = rope(project(x_BTD, self.wq[...].astype(dt)), positions_BT, self.theta, self.rope_layout)
         k, v = self.keys_values(x_BTD, positions_BT)
         q = constrain(q, ("batch", None, "q_heads", None))
         if cache is None:
@@ -141,7 +153,7 @@ class Attention(nnx.Module):
             slots_S = jnp.arange(k.shape[1])
             mask_BTS = slots_S[None, None, :] <= positions_BT[:, :, None] if tree_mask_BTS is None else tree_mask_BTS
             out_BTHE = dense_attention(q, k, v, mask_BTS)
-        out_BTD = jnp.einsum("bthe,hed->btd", out_BTHE, self.wo[...].astype(dt))
+        out_BTD = unproject(out_BTHE, self.wo[...].astype(dt))
         return out_BTD, cache
 
 
