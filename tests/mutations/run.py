@@ -15,6 +15,7 @@ The last line printed is a JSON summary.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -85,6 +86,9 @@ def main(names: list[str]) -> int:
             raise SystemExit(f"error: no patch named {sorted(unknown)}; have {[p.stem for p in patches]}")
         patches = [p for p in patches if p.stem in names]
     results = []
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # one XLA cache for every patch's tests: mutated programs get keys of their own
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mtp_jax_mutations_xla_cache_")
+        atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
     for patch in patches:
         result = run_one(patch)
         results.append(result)
