@@ -89,7 +89,7 @@ class StepFns:
             add = lambda a, g: a + g.astype(jnp.float32)
             return jax.tree.map(add, carry, (grads, as_metrics(loss, aux))), None
 
-        if m == 1:  # no accumulator: a zeroed float32 copy of the parameters and a pass adding to it
+        if m == 1:  # the gradient as it comes: no zeroed float32 accumulator, no pass adding into it
             (grads, metrics), _ = accumulate(None, batch)
         else:
             zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)

@@ -86,7 +86,9 @@ def main(names: list[str]) -> int:
             raise SystemExit(f"error: no patch named {sorted(unknown)}; have {[p.stem for p in patches]}")
         patches = [p for p in patches if p.stem in names]
     results = []
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # one XLA cache for every patch's tests: mutated programs get keys of their own
+    # One XLA compilation cache for every patch's tests (as tests/conftest.py does per session):
+    # a mutated program has its own cache key, so nothing compiled from the unmutated code is reused for it.
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mtp_jax_mutations_xla_cache_")
         atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
     for patch in patches:
