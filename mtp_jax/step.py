@@ -82,15 +82,16 @@ class StepFns:
         counts_N = head_counts(batch["segment_ids"], self.mtp.cfg.mtp_heads)
         weights_N = self.schedule.weights_at(state["step"])
 
-        def accumulate(carry, mb):
+        def gradient(mb):
             (loss, aux), grads = grad_fn(state["params"], mb, counts_N, weights_N)
-            if carry is None:
-                return (grads, as_metrics(loss, aux)), None
+            return grads, as_metrics(loss, aux)
+
+        def accumulate(carry, mb):
             add = lambda a, g: a + g.astype(jnp.float32)
-            return jax.tree.map(add, carry, (grads, as_metrics(loss, aux))), None
+            return jax.tree.map(add, carry, gradient(mb)), None
 
         if m == 1:  # the gradient as it comes: no zeroed float32 accumulator, no pass adding into it
-            (grads, metrics), _ = accumulate(None, batch)
+            grads, metrics = gradient(batch)
         else:
             zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
             micro_batches = jax.tree.map(micro, batch)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.model.attention import dense_attention
-from mtp_jax.model.layers import Block, KVCache, rope
+from mtp_jax.model.layers import Block, KVCache, project, rope, unproject
 
 
 def at_index(x_BT: jax.Array, index_B: jax.Array) -> jax.Array:
@@ -30,10 +30,9 @@ def block_at(block: Block, x_BTD: jax.Array, positions_BT: jax.Array, index_B: j
     x_B1D, position_B1 = at_index(x_BTD, index_B), at_index(positions_BT, index_B)
     attn, dt = block.attn, x_BTD.dtype
     xn_B1D = block.attn_norm(x_B1D)
-    q_B1HE = rope(jnp.einsum("btd,dhe->bthe", xn_B1D, attn.wq[...].astype(dt)), position_B1, attn.theta,
-                  attn.rope_layout)
+    q_B1HE = rope(project(xn_B1D, attn.wq[...].astype(dt)), position_B1, attn.theta, attn.rope_layout)
     mask_B1S = jnp.arange(cache.k_BSKE.shape[1])[None, None, :] <= position_B1[:, :, None]
     out_B1HE = dense_attention(q_B1HE, cache.k_BSKE.astype(dt), cache.v_BSKE.astype(dt), mask_B1S)
-    x_B1D = x_B1D + jnp.einsum("bthe,hed->btd", out_B1HE, attn.wo[...].astype(dt))
+    x_B1D = x_B1D + unproject(out_B1HE, attn.wo[...].astype(dt))
     x_B1D = x_B1D + block.mlp(block.mlp_norm(x_B1D))
     return x_B1D[:, 0], cache
