@@ -176,8 +176,9 @@ def test_per_head_metrics_count_only_masked_in_targets(tiny, make_batch, fast) -
 
 @pytest.mark.slow
 def test_single_head_equals_plain_next_token_model(tiny, make_batch, fast) -> None:
-    """n = 1: the trunk blocks then the one head block are an ordinary n_layers-deep LM."""
-    cfg = tiny(model__mtp_heads=1, model__n_layers=3, model__kv_heads=0, train__seq_len=16)
+    """n = 1: the trunk blocks then the one head block are an ordinary n_layers-deep LM. The trunk
+    runs as a rolled scan here (`layer_loop` scan); the other reference tests run it unrolled (auto)."""
+    cfg = tiny(model__mtp_heads=1, model__n_layers=3, model__kv_heads=0, train__seq_len=16, model__layer_loop="scan")
     mtp = MTP(cfg.model)
     params = random_params(mtp, seed=3)
     tokens = make_batch(4, 17, cfg.model.vocab_size, seed=3)["tokens"]
@@ -199,13 +200,14 @@ def test_single_head_equals_plain_next_token_model(tiny, make_batch, fast) -> No
     assert_trees_close(grads, ref_g)
 
 
-def _scan_lengths(jaxpr: jax.extend.core.Jaxpr) -> list[int]:
+def _scans(jaxpr: jax.extend.core.Jaxpr) -> list[tuple[int, int | bool]]:
+    """(length, unroll factor) of every scan in the program."""
     out = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "scan":
-            out.append(eqn.params["length"])
+            out.append((eqn.params["length"], eqn.params["unroll"]))
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            out += _scan_lengths(sub)
+            out += _scans(sub)
     return out
 
 
@@ -213,20 +215,31 @@ def _eqn_count(jaxpr: jax.extend.core.Jaxpr) -> int:
     return sum(1 + sum(_eqn_count(s) for s in jax.extend.core.jaxprs_in_params(e.params)) for e in jaxpr.eqns)
 
 
+def _loss_grad_jaxpr(tiny, **overrides) -> tuple[jax.extend.core.Jaxpr, int]:
+    cfg = tiny(model__mtp_heads=2, train__seq_len=16, **overrides)
+    mtp = MTP(cfg.model)
+    params = jax.eval_shape(mtp.init, jax.random.key(0))
+    batch = {k: jax.ShapeDtypeStruct((2, 18), jnp.int32) for k in ("tokens", "segment_ids")}
+    grad = jax.grad(lambda p, b: mtp_loss(mtp, p, b, loss_weights(2), 8, "flat")[0])
+    return jax.make_jaxpr(grad)(params, batch).jaxpr, cfg.model.trunk_layers
+
+
 def test_trunk_is_one_scan_so_program_size_is_flat_in_depth(tiny) -> None:
-    """Compile time flat in depth, checked structurally: the trunk is a scan of trunk_layers
-    iterations, and the traced loss-and-gradient program has the same size at 7 and 13 layers."""
+    """The trunk is one scan of trunk_layers iterations, so the traced loss-and-gradient program has
+    the same size at 7 and 13 layers; `layer_loop` scan keeps it rolled when compiled too."""
     sizes = []
     for n_layers in (7, 13):
-        cfg = tiny(model__n_layers=n_layers, model__mtp_heads=2, train__seq_len=16)
-        mtp = MTP(cfg.model)
-        params = jax.eval_shape(mtp.init, jax.random.key(0))
-        batch = {k: jax.ShapeDtypeStruct((2, 18), jnp.int32) for k in ("tokens", "segment_ids")}
-        grad = jax.grad(lambda p, b: mtp_loss(mtp, p, b, loss_weights(2), 8, "flat")[0])
-        jaxpr = jax.make_jaxpr(grad)(params, batch).jaxpr
-        assert cfg.model.trunk_layers in _scan_lengths(jaxpr)
+        jaxpr, trunk_layers = _loss_grad_jaxpr(tiny, model__n_layers=n_layers, model__layer_loop="scan")
+        assert (trunk_layers, 1) in _scans(jaxpr)
         sizes.append(_eqn_count(jaxpr))
     assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("loop,n_layers,unrolled", [("auto", 18, True), ("auto", 19, False), ("unroll", 40, True)])
+def test_layer_loop_unrolls_shallow_trunks(tiny, loop: str, n_layers: int, unrolled: bool) -> None:
+    """`auto` unrolls trunks of up to 16 blocks (2 of the layers are heads here), `unroll` any depth."""
+    jaxpr, trunk_layers = _loss_grad_jaxpr(tiny, model__n_layers=n_layers, model__layer_loop=loop)
+    assert (trunk_layers, trunk_layers if unrolled else 1) in _scans(jaxpr)  # jax records True as the length
 
 
 def test_peak_flops_table() -> None:

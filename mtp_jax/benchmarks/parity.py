@@ -148,7 +148,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--shapes", default="small,large", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--attn-heads", type=int, default=4)
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--ce-chunk", type=int, default=512)
+    ap.add_argument("--ce-chunk", type=int, default=TrainConfig.ce_chunk)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1, help="training steps per timed item")
     ap.add_argument("--warmup", type=int, default=1)

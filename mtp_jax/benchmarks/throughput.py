@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4, help="n of the multi-token model")
-    ap.add_argument("--ce-chunk", type=int, default=512)
+    ap.add_argument("--ce-chunk", type=int, default=TrainConfig.ce_chunk)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model after compiling")
     ap.add_argument("--rounds", type=int, default=8)

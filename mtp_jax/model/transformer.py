@@ -22,6 +22,12 @@ from mtp_jax.sharding import constrain
 Params = dict[str, Any]
 Feed = Callable[[jax.Array, jax.Array], jax.Array]  # (head index, previous head's output) -> (B, T, D)
 
+# `layer_loop: auto` unrolls trunks up to this depth. Unrolled, a step skips the scan's stacking of
+# every block's residuals and slicing of its weights (0.975x the step time at the parity benchmark's
+# small shape, 0.933x at its large one, alternated in one process) while compile time grows with
+# depth (CPU, d_model 256: 7.4 -> 8.7 s at 6 blocks, 8.3 -> 15.1 s at 24).
+UNROLL_MAX_LAYERS = 16
+
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -99,7 +105,7 @@ class MTP:
         cache: KVCache | None = None,
         tree_mask_BTS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """z for every position; blocks applied with lax.scan so compile time is flat in depth.
+        """z for every position; blocks applied with lax.scan (stacked parameters), unrolled per `model.layer_loop`.
         `tree_mask_BTS` (decoding only) replaces the causal mask over cache slots."""
 
         def body(x_BTD, layer):
@@ -108,8 +114,14 @@ class MTP:
 
         if self.cfg.remat in _REMAT:
             body = jax.checkpoint(body, policy=_REMAT[self.cfg.remat])
-        z_BTD, cache = jax.lax.scan(body, self.embed(params, tokens_BT), (params["trunk"], cache))
+        z_BTD, cache = jax.lax.scan(body, self.embed(params, tokens_BT), (params["trunk"], cache), unroll=self.unrolled)
         return z_BTD, cache
+
+    @property
+    def unrolled(self) -> bool:
+        """Whether the trunk's layer scan is unrolled (`model.layer_loop`)."""
+        loop = self.cfg.layer_loop
+        return loop == "unroll" or (loop == "auto" and self.cfg.trunk_layers <= UNROLL_MAX_LAYERS)
 
     def head(
         self,
