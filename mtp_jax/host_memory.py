@@ -6,8 +6,10 @@ large to a non-main arena, which serves them with a fresh mmap and unmaps them o
 step page-faults through the whole arena again and the kernel zeroes every page: 63 K minor faults
 per step at the small shape, 424 K at the large one. With every thread on the main arena, no
 mmap-served blocks and no trimming, a step reuses the pages the previous one freed (0 and 47 K
-faults per step; the small step in 0.84x the time, median of 4 alternated process pairs). The
-process keeps its peak heap, which every step reaches again anyway.
+faults per step; the small step in 0.84x the time, median of 4 alternated process pairs). Not in
+every process: in 4 of 8 runs of a small program with ~96 MiB of temporaries a repeated step still
+faulted through them (1 of 8 with the same settings from glibc's environment variables); the
+cause is not found. The process keeps its peak heap, which every step reaches again anyway.
 `MTP_JAX_HOST_MALLOC=system` keeps glibc's defaults, as does setting any of glibc's own MALLOC_*
 variables.
 
