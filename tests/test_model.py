@@ -200,7 +200,7 @@ def test_single_head_equals_plain_next_token_model(tiny, make_batch, fast) -> No
     assert_trees_close(grads, ref_g)
 
 
-def _scans(jaxpr: jax.extend.core.Jaxpr) -> list[tuple[int, int | bool]]:
+def _scans(jaxpr: jax.extend.core.Jaxpr) -> list[tuple[int, int]]:
     """(length, unroll factor) of every scan in the program."""
     out = []
     for eqn in jaxpr.eqns:
