@@ -9,9 +9,11 @@ mmap-served blocks and no trimming, a step reuses the pages the previous one fre
 faults per step; the small step in 0.84x the time, median of 4 alternated process pairs). Not in
 every process: in 4 of 8 runs of a small program with ~96 MiB of temporaries a repeated step still
 faulted through them (1 of 8 with the same settings from glibc's environment variables); the
-cause is not found. The process keeps its peak heap, which every step reaches again anyway.
-`MTP_JAX_HOST_MALLOC=system` keeps glibc's defaults, as does setting any of glibc's own MALLOC_*
-variables.
+cause is not found. It is not glibc handing memory back: faulting and clean runs make the same
+mmap / munmap / madvise / brk calls, the kernel logs no reclaim, migration or huge-page events,
+and runs without address randomisation fault as often. The process keeps its peak heap, which
+every step reaches again anyway. `MTP_JAX_HOST_MALLOC=system` keeps glibc's defaults, as does
+setting any of glibc's own MALLOC_* variables.
 
 It must run before XLA's threads first allocate, so the package applies it on import.
 """

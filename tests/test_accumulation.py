@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import compile_fast
 
 from mtp_jax import sharding
 from mtp_jax.config import MeshConfig
@@ -25,7 +24,7 @@ def one_step(cfg, params, batch, micro: int):
     fns = StepFns(MTP(cfg.model), optax.sgd(LR), cfg.train, mesh, sharding.rules_dict(cfg.mesh.rules))
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": fns.tx.init(params)}
     state = jax.device_put(state, fns.state_shardings)
-    state, metrics = compile_fast(fns.train_step, state, batch)(state, batch)
+    state, metrics = fns.train_step(state, batch)
     return jax.device_get(metrics), jax.device_get(state["params"])
 
 

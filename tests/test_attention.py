@@ -12,8 +12,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
-from conftest import compile_fast
 from mtp_jax.config import ConfigError, ModelConfig
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model import attention
@@ -118,7 +118,7 @@ def model_loss(attn):
     seg[1, 20:] = 0
     batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg)}
     fn = lambda p: mtp_loss(mtp, p, batch, loss_weights(2), chunk=8)[0]
-    return compile_fast(jax.jit(jax.value_and_grad(fn)), params)(params)
+    return jax.jit(jax.value_and_grad(fn))(params)
 
 
 @pytest.mark.slow
@@ -156,7 +156,7 @@ def test_cudnn_matches_xla_in_bf16():
 @pytest.mark.slow  # a fresh 8-device process, two train-step compiles
 def test_blockwise_sharded_over_eight_devices_matches_xla_on_one():
     """data 2 x fsdp 2 x tensor 2 (kv heads split over tensor), micro_batches 2: one SGD step."""
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.config import ConfigError
@@ -163,7 +164,7 @@ def test_tree_mismatch_is_config_error(tmp_path: Path, change, detail: str) -> N
 
 
 def run_script(body: str, *args: str, devices: int = 1) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "PYTHONPATH": str(ROOT)}
     code = "import sys, jax, jax.numpy as jnp, numpy as np\nfrom mtp_jax.checkpoint import Checkpointer\n"
     return subprocess.Popen([sys.executable, "-c", code + textwrap.dedent(body), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

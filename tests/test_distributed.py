@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from mtp_jax import distributed, sharding
 from mtp_jax.config import ConfigError, DistributedConfig, MeshConfig
@@ -227,7 +228,7 @@ def test_grid_on_eight_real_cpu_devices() -> None:
         print(json.dumps(out))
         """
     )
-    env = cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = cpu_env(XLA_FLAGS=xla_flags(8))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -271,7 +272,7 @@ def spawn_pair(worker: Path, mode: str, victim: int) -> list[subprocess.Popen]:
         subprocess.Popen(
             [sys.executable, str(worker), mode],
             env=cpu_env(
-                XLA_FLAGS="--xla_force_host_platform_device_count=2", MTP_COORDINATOR=f"127.0.0.1:{port}",
+                XLA_FLAGS=xla_flags(2), MTP_COORDINATOR=f"127.0.0.1:{port}",
                 MTP_NUM_PROCESSES="2", MTP_PROCESS_ID=str(i), HEARTBEAT=str(HEARTBEAT_S), VICTIM=str(victim),
             ),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

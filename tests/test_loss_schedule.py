@@ -21,12 +21,6 @@ from mtp_jax.loss_schedule import LossSchedule
 from mtp_jax.model.transformer import MTP
 from mtp_jax.step import StepFns
 
-try:
-    from conftest import compile_fast
-except ImportError:  # pytest's importlib mode: conftest is not on sys.path
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import compile_fast
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,7 +91,7 @@ def test_train_step_uses_the_weights_of_its_step():
     state = fns.init(jax.random.key(0))
     old = jax.device_get(state["params"]["heads"])
     state = {**state, "step": jnp.asarray(1, jnp.int32)}
-    new, metrics = compile_fast(fns.train_step, state, batch)(state, batch)
+    new, metrics = fns.train_step(state, batch)
     w = reference_weights(3, 1, base=(1, 2, 1), schedule="deepseek", lam_step=3, curriculum="forward", every=2)
     assert w[0] == 1 and w[1] == w[2] == 0
     losses = np.array([float(metrics[f"loss/head_{i}"]) for i in (1, 2, 3)])

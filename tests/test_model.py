@@ -110,8 +110,8 @@ def assert_trees_close(actual: dict, expected: dict, rtol: float = RTOL, atol: f
         np.testing.assert_allclose(a, flat_e[path], rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
-def loss_and_grad(fast, fn, params: dict, batch: dict):
-    return fast(jax.jit(jax.value_and_grad(fn, has_aux=True)), params, batch)(params, batch)
+def loss_and_grad(fn, params: dict, batch: dict):
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params, batch)
 
 
 # --- tests -----------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_chunk_size_is_largest_divisor_not_above_request(length: int, requested:
 @pytest.mark.parametrize(
     "head_type,tie", [pytest.param("transformer", True, marks=pytest.mark.slow), ("linear", False)]
 )
-def test_loss_and_grads_match_reference(tiny, make_batch, fast, head_type: str, tie: bool) -> None:
+def test_loss_and_grads_match_reference(tiny, make_batch, head_type: str, tie: bool) -> None:
     """3 heads, weights (1, .5, .25), GQA, documents + padding, ce_chunk 5 over T=24 (chunks of 4)."""
     cfg = tiny(model__head_type=head_type, model__tie_embeddings=tie, model__mtp_heads=3, model__n_layers=5,
                train__seq_len=24, train__ce_chunk=5)
@@ -133,10 +133,10 @@ def test_loss_and_grads_match_reference(tiny, make_batch, fast, head_type: str, 
     params = random_params(mtp)
     batch = make_batch(4, 24 + 3, cfg.model.vocab_size, seed=1)
     weights = jnp.asarray([1.0, 0.5, 0.25])
-    (ref, ref_m), ref_g = loss_and_grad(fast, lambda p, b: ref_mtp_loss(p, b, weights, cfg.model), params, batch)
+    (ref, ref_m), ref_g = loss_and_grad(lambda p, b: ref_mtp_loss(p, b, weights, cfg.model), params, batch)
     assert np.all(np.asarray(ref_m["accuracy"]) <= 1)
     for impl in ("flat", "naive"):
-        (loss, m), grads = loss_and_grad(fast, lambda p, b: mtp_loss(mtp, p, b, weights, cfg.train.ce_chunk, impl), params, batch)
+        (loss, m), grads = loss_and_grad(lambda p, b: mtp_loss(mtp, p, b, weights, cfg.train.ce_chunk, impl), params, batch)
         np.testing.assert_allclose(loss, ref, rtol=RTOL, err_msg=impl)
         np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=RTOL, err_msg=impl)
         np.testing.assert_allclose(m["accuracy"], ref_m["accuracy"], rtol=RTOL, err_msg=impl)
@@ -144,7 +144,7 @@ def test_loss_and_grads_match_reference(tiny, make_batch, fast, head_type: str, 
 
 
 @pytest.mark.slow
-def test_per_head_metrics_count_only_masked_in_targets(tiny, make_batch, fast) -> None:
+def test_per_head_metrics_count_only_masked_in_targets(tiny, make_batch) -> None:
     """Zero unembedding: every logit is 0, the loss is ln V, and the top-1 guess is token 0 at
     every position, so accuracy_i must be the share of token-0 targets among head i's valid
     targets. Token 0 is planted so that share differs from the share over all targets."""
@@ -162,7 +162,7 @@ def test_per_head_metrics_count_only_masked_in_targets(tiny, make_batch, fast) -
     weights = loss_weights(3, [1.0, 2.0, 0.5])
     for impl in ("flat", "naive"):
         metrics_fn = jax.jit(lambda p, b: as_metrics(*mtp_loss(mtp, p, b, weights, chunk=8, impl=impl)))
-        metrics = fast(metrics_fn, params, batch)(params, batch)
+        metrics = metrics_fn(params, batch)
         assert set(metrics) == {"loss"} | {f"{k}/head_{i}" for k in ("loss", "accuracy") for i in (1, 2, 3)}
         np.testing.assert_allclose(metrics["loss"], 3.5 * math.log(64), rtol=RTOL)
         for i in (1, 2, 3):
@@ -175,7 +175,7 @@ def test_per_head_metrics_count_only_masked_in_targets(tiny, make_batch, fast) -
 
 
 @pytest.mark.slow
-def test_single_head_equals_plain_next_token_model(tiny, make_batch, fast) -> None:
+def test_single_head_equals_plain_next_token_model(tiny, make_batch) -> None:
     """n = 1: the trunk blocks then the one head block are an ordinary n_layers-deep LM. The trunk
     runs as a rolled scan here (`layer_loop` scan); the other reference tests run it unrolled (auto)."""
     cfg = tiny(model__mtp_heads=1, model__n_layers=3, model__kv_heads=0, train__seq_len=16, model__layer_loop="scan")
@@ -194,8 +194,8 @@ def test_single_head_equals_plain_next_token_model(tiny, make_batch, fast) -> No
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), b["tokens"][:, 1:, None], axis=-1)
         return jnp.mean(nll), {}
 
-    (ref, _), ref_g = loss_and_grad(fast, plain_loss, params, batch)
-    (loss, _), grads = loss_and_grad(fast, lambda p, b: mtp_loss(mtp, p, b, loss_weights(1), 8, "flat"), params, batch)
+    (ref, _), ref_g = loss_and_grad(plain_loss, params, batch)
+    (loss, _), grads = loss_and_grad(lambda p, b: mtp_loss(mtp, p, b, loss_weights(1), 8, "flat"), params, batch)
     np.testing.assert_allclose(loss, ref, rtol=RTOL)
     assert_trees_close(grads, ref_g)
 

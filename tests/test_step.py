@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import pytest
 import yaml
+from conftest import xla_flags
 from jax.sharding import AbstractMesh
 
 from mtp_jax import sharding
@@ -32,12 +33,6 @@ from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model.transformer import MTP
 from mtp_jax.optim import make_optimizer
 from mtp_jax.step import StepFns
-
-try:
-    from conftest import compile_fast
-except ImportError:  # pytest's importlib mode: conftest is not on sys.path
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import compile_fast
 
 ROOT = Path(__file__).resolve().parents[1]
 SGD_LR = 0.5
@@ -51,22 +46,19 @@ def one_device_mesh() -> jax.sharding.Mesh:
 
 
 class Runner:
-    """A StepFns over one mesh whose train step is compiled once (FAST_COMPILE) on first use."""
+    """A StepFns over one mesh and its train step."""
 
     def __init__(self, cfg: Config, mesh: Any, tx: optax.GradientTransformation | None = None):
         mtp = MTP(cfg.model)
         self.fns = StepFns(mtp, tx or optax.sgd(SGD_LR), cfg.train, mesh, sharding.rules_dict(cfg.mesh.rules))
-        self.step: Any = None
 
     def run(self, params: Any, batch: dict, steps: int = STEPS) -> tuple[dict[str, np.ndarray], Any]:
         """From host params: (loss per step, last step's metrics, parameter change; final state)."""
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.fns.tx.init(params)}
         state = jax.device_put(state, self.fns.state_shardings)
-        if self.step is None:
-            self.step = compile_fast(self.fns.train_step, state, batch)
         out: dict[str, np.ndarray] = {}
         for s in range(steps):
-            state, metrics = self.step(state, batch)
+            state, metrics = self.fns.train_step(state, batch)
             out[f"loss/step_{s}"] = np.asarray(metrics["loss"])
         out.update({f"metric/{k}": np.asarray(v) for k, v in metrics.items()})
         end = flat(jax.device_get(state["params"]))
@@ -119,7 +111,7 @@ def step_batch(step_cfg, make_batch) -> dict[str, np.ndarray]:
 def single_device(step_cfg, step_batch) -> SingleDevice:
     """One-device references for micro_batches 1 and 2, from the model's init compiled once."""
     key = jax.random.key(0)
-    params = jax.device_get(compile_fast(jax.jit(MTP(step_cfg.model).init), key)(key))
+    params = jax.device_get(jax.jit(MTP(step_cfg.model).init)(key))
     runners = {m: Runner(with_train(step_cfg, micro_batches=m), one_device_mesh()) for m in (1, 2)}
     return SingleDevice(params, runners, {m: r.run(params, step_batch)[0] for m, r in runners.items()})
 
@@ -144,9 +136,8 @@ def test_eight_devices_match_one_device(tmp_path: Path, step_cfg, step_batch, si
     np.savez(tmp_path / "batch.npz", **step_batch)
     np.savez(tmp_path / "params.npz", **flat(single_device.params))
     (tmp_path / "config.yaml").write_text(to_yaml(step_cfg))
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=path)
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu", PYTHONPATH=path)
     proc = subprocess.run(
         [sys.executable, __file__, str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
     )
