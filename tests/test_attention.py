@@ -12,8 +12,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import xla_flags
 
+from conftest import xla_flags
 from mtp_jax.config import ConfigError, ModelConfig
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model import attention

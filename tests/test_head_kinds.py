@@ -5,7 +5,6 @@ decoding == plain greedy."""
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
