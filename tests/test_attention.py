@@ -64,6 +64,10 @@ def blockwise7(q, k, v, seg):
     return attention.blockwise_attention(q, k, v, seg, block=7)
 
 
+def blockwise3(q, k, v, seg):
+    return attention.blockwise_attention(q, k, v, seg, block=3)
+
+
 def splash_cpu(q, k, v, seg):
     return attention.splash_attention(q, k, v, seg, interpret=True)
 
@@ -71,7 +75,8 @@ def splash_cpu(q, k, v, seg):
 IMPLS = {
     "xla": attention.xla_attention,
     "blockwise": attention.blockwise_attention,  # one block (T < BLOCK)
-    "blockwise7": blockwise7,  # 6 blocks, the last partly padding
+    "blockwise7": blockwise7,  # 6 blocks (unrolled, key prefixes), the last partly padding
+    "blockwise3": blockwise3,  # 13 blocks: more than UNROLLED_BLOCKS, so the flash loops
     "splash_interpret": splash_cpu,  # the TPU kernel through Pallas interpret mode
 }
 
@@ -91,10 +96,13 @@ def test_output_and_gradients_match_numpy_reference(name):
         np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
 
 
-def test_blockwise_backward_stores_no_square_scores():
-    """The jaxpr of the blockwise gradient holds no (T, T)-sized intermediate at T = 4 blocks."""
+@pytest.mark.parametrize("block", [8, 4], ids=["unrolled", "flash"])
+def test_blockwise_backward_stores_no_square_scores(block):
+    """The jaxpr of the blockwise gradient holds no (T, T)-sized intermediate at T = 8 blocks
+    (each query block's scores against its key prefix) and at 16 (key blocks in loops)."""
+    assert (64 // block <= attention.UNROLLED_BLOCKS) == (block == 8)
     q, k, v, seg = inputs(b=2, t=64, h=2, kv=1, e=8)
-    fn = lambda q, k, v: jnp.sum(attention.blockwise_attention(q, k, v, seg, block=16))
+    fn = lambda q, k, v: jnp.sum(attention.blockwise_attention(q, k, v, seg, block=block))
     jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(q, k, v)
     sizes = [int(np.prod(var.aval.shape)) for eqn in _all_eqns(jaxpr.jaxpr) for var in eqn.outvars]
     assert max(sizes) < 64 * 64, max(sizes)
@@ -122,9 +130,11 @@ def model_loss(attn):
 
 
 @pytest.mark.slow
-def test_model_loss_and_gradients_blockwise_equal_xla(monkeypatch):
-    """Full MTP loss (trunk + 2 heads, GQA, documents, odd T) at rtol 1e-5, blockwise over 5 blocks."""
-    monkeypatch.setattr(attention, "BLOCK", 7)
+@pytest.mark.parametrize("block", [7, 3], ids=["unrolled", "flash"])
+def test_model_loss_and_gradients_blockwise_equal_xla(monkeypatch, block):
+    """Full MTP loss (trunk + 2 heads, GQA, documents, odd T) at rtol 1e-5, blockwise over 5
+    blocks (unrolled) and 10 (flash loops)."""
+    monkeypatch.setattr(attention, "BLOCK", block)
     loss_x, grads_x = model_loss("xla")
     loss_b, grads_b = model_loss("blockwise")
     np.testing.assert_allclose(loss_b, loss_x, rtol=1e-5)
