@@ -5,8 +5,8 @@ comparing positions and segment ids inside each block. `model.attention` picks:
 - `xla`: scores (B, H, T, T) in one fused XLA computation; fastest for short sequences.
 - `blockwise`: pure JAX, memory linear in T on every platform, a `custom_vjp` backward that
   recomputes scores from the saved logsumexp. Up to `UNROLLED_BLOCKS` query blocks, each block
-  attends to its whole causal key prefix in one softmax (unrolled: no loop, a quarter fewer
-  matmul FLOPs at 2 blocks); beyond, flash attention (online softmax over key blocks in loops).
+  attends to its whole causal key prefix in one softmax (unrolled, no loops: a quarter fewer
+  matmul FLOPs than dense at 2 blocks); beyond, flash attention (online softmax over key blocks).
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16); that API
   has no segment-id input, so document masking goes in as a (B, 1, T, T) boolean mask.
 - `splash`: the TPU splash kernel with segment ids (`interpret=True` runs it on CPU).
@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 BLOCK = 256  # blockwise query/key block length (fastest of 128/256/512 at T = 512-4096 on CPU)
-UNROLLED_BLOCKS = 8  # query blocks up to which `blockwise` unrolls; prefix form 0.76-0.84x the
-# flash loops' time at T = 512 and 2048 (fwd + bwd), but compile time grows with the block count
+UNROLLED_BLOCKS = 2  # query blocks up to which `blockwise` unrolls (key-prefix form): 0.76-0.84x the
+# flash loops' time at T = 512 (fwd + bwd), but XLA keeps every unrolled block's scores alive, so its
+# temp memory grows with the square of the block count (T = 2048, 8 blocks: 250 MiB against 29)
 XLA_MAX_T = 128  # `auto` keeps the fused XLA path up to this length: on CPU forward + backward tie at
 # T = 128 (B 16, E 32), blockwise is 0.84-0.89x of its time at T = 256 (B 4, E 64) and 0.71x at T = 512
 _NEG = -1e30  # masked score: finite, so a row masked in a whole block never yields NaN
