@@ -165,16 +165,6 @@ def _prefix_forward(q, k, v, seg, c):
     return jnp.concatenate(outs, 3).astype(q.dtype), jnp.concatenate(lses, 3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _prefix(q, k, v, seg, c):
-    return _prefix_forward(q, k, v, seg, c)[0]
-
-
-def _prefix_fwd(q, k, v, seg, c):
-    o, lse = _prefix_forward(q, k, v, seg, c)
-    return o, (q, k, v, seg, o, lse)
-
-
 def _prefix_bwd(c, res, do):
     """Per query block: p from the saved logsumexp, dq of the block, dk and dv of its key prefix
     added into the whole-length gradients."""
@@ -194,9 +184,6 @@ def _prefix_bwd(c, res, do):
         dqs.append(jnp.einsum("bkgqs,bkse->bkgqe", ds.astype(k.dtype), k[:, :, :end], preferred_element_type=f32))
         dk, dv = dk + _padded(dk_i, 2, dk.shape[2]), dv + _padded(dv_i, 2, dv.shape[2])  # 0.95x `.at[].add`
     return jnp.concatenate(dqs, 3).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_prefix.defvjp(_prefix_fwd, _prefix_bwd)
 
 
 def _flash_forward(q, k, v, seg, c):
@@ -220,16 +207,6 @@ def _flash_forward(q, k, v, seg, c):
     o, lse = jax.lax.map(query_block, jnp.arange(tp // c))  # (N, B, K, G, C, ...)
     o = jnp.moveaxis(o, 0, 3).reshape(b, kh, g, tp, e)
     return o.astype(q.dtype), jnp.moveaxis(lse, 0, 3).reshape(b, kh, g, tp)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, seg, c):
-    return _flash_forward(q, k, v, seg, c)[0]
-
-
-def _flash_fwd(q, k, v, seg, c):
-    o, lse = _flash_forward(q, k, v, seg, c)
-    return o, (q, k, v, seg, o, lse)
 
 
 def _flash_bwd(c, res, do):
@@ -264,7 +241,21 @@ def _flash_bwd(c, res, do):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+def _recomputing(forward, backward):
+    """Kernel (q, k, v, seg, block) -> output whose backward gets only the inputs, the output
+    and the logsumexp (`forward` returns (output, logsumexp)), never the scores."""
+
+    def fwd(q, k, v, seg, c):
+        o, lse = forward(q, k, v, seg, c)
+        return o, (q, k, v, seg, o, lse)
+
+    kernel = jax.custom_vjp(lambda q, k, v, seg, c: forward(q, k, v, seg, c)[0], nondiff_argnums=(4,))
+    kernel.defvjp(fwd, backward)
+    return kernel
+
+
+_prefix = _recomputing(_prefix_forward, _prefix_bwd)
+_flash = _recomputing(_flash_forward, _flash_bwd)
 
 
 # --- platform kernels ---------------------------------------------------------------------------
