@@ -118,8 +118,9 @@ def _padded(x: jax.Array, axis: int, length: int, value: int = 0) -> jax.Array:
 
 
 def blockwise_attention(q_BTHE, k_BSKE, v_BSKE, segments_BT, block: int | None = None):
-    """Flash attention in pure JAX: memory O(T x C) in forward and backward. Odd lengths are padded
-    to whole blocks; padded keys sit after every real query, so causality hides them."""
+    """Pure-JAX attention in blocks of C: up to UNROLLED_BLOCKS query blocks, unrolled over key
+    prefixes; beyond, flash attention with memory O(T x C) in forward and backward. Odd lengths are
+    padded to whole blocks; padded keys sit after every real query, so causality hides them."""
     b, t, h, e = q_BTHE.shape
     c = min(block or BLOCK, t)
     tp = -(-t // c) * c
@@ -159,8 +160,8 @@ def _prefix_forward(q, k, v, seg, c):
         m = s.max(-1, keepdims=True)
         p = jnp.exp(s - m)
         l = p.sum(-1, keepdims=True)
-        v_prefix = v[:, :, :(i + 1) * c]
-        outs.append(jnp.einsum("bkgqs,bkse->bkgqe", (p / l).astype(v.dtype), v_prefix, preferred_element_type=jnp.float32))
+        pv = jnp.einsum("bkgqs,bkse->bkgqe", p.astype(v.dtype), v[:, :, :(i + 1) * c], preferred_element_type=jnp.float32)
+        outs.append(pv / l)  # normalised on (C, E), not on the (C, (i+1) C) probabilities
         lses.append((m + jnp.log(l))[..., 0])
     return jnp.concatenate(outs, 3).astype(q.dtype), jnp.concatenate(lses, 3)
 
