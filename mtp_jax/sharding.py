@@ -57,20 +57,21 @@ def make_mesh(mcfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     """Builds the (data, fsdp, tensor) mesh with Auto axes, so XLA propagates unconstrained shardings."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(mcfg, len(devices))
-    if devices == jax.devices() and (mcfg.dcn_data > 1 or mcfg.dcn_fsdp > 1 or jax.process_count() > 1):
-        grid = make_device_grid(mcfg)
+    spans_hosts = devices == jax.devices() and (mcfg.dcn_data > 1 or mcfg.dcn_fsdp > 1 or jax.process_count() > 1)
+    if spans_hosts or devices[0].platform == "tpu":  # a TPU slice (or a topology compiled for): physical layout
+        grid = make_device_grid(mcfg, devices)
     else:
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def make_device_grid(mcfg: MeshConfig) -> np.ndarray:
+def make_device_grid(mcfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> np.ndarray:
     """All devices arranged [dcn_data*data, dcn_fsdp*fsdp, tensor]; DCN factors span slices or processes.
 
     Within a slice/host the layout follows the physical interconnect (create_device_mesh); across them
     only the dcn_* factors cross the slow network (create_hybrid_device_mesh).
     """
-    devices = jax.devices()
+    devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(mcfg, len(devices))  # resolves -1; ConfigError unless the sizes multiply to len(devices)
     dcn = (mcfg.dcn_data, mcfg.dcn_fsdp, 1)
     if math.prod(dcn) == 1:
@@ -187,6 +188,11 @@ def activate(mesh: Mesh, rules: dict[str, tuple[str, ...]]) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.pop()
+
+
+def active() -> tuple[Mesh, dict[str, tuple[str, ...]]] | None:
+    """The mesh and rules being traced under (`activate`), None outside."""
+    return _ACTIVE[-1] if _ACTIVE else None
 
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:

@@ -26,6 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mtp_jax import platforms, sharding
 from mtp_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _NEG = -1e30  # masked score: finite, so a row masked in a whole block never yie
 
 def resolve(name: str, seq_len: int, dtype: jnp.dtype, platform: str | None = None) -> str:
     """The implementation `name` stands for at this length, dtype and platform (`auto` logged once)."""
-    platform = platform or jax.default_backend()
+    platform = platform or platforms.target()
     if name == "auto":
         if platform == "tpu":
             choice = "splash"
@@ -272,8 +273,24 @@ SPLASH_BLOCK = 128
 
 
 def splash_attention(q_BTHE, k_BSKE, v_BSKE, segments_BT, interpret: bool = False):
-    """The TPU splash kernel (multi-query form per kv head, vmapped over batch and kv heads) with
-    segment ids. Lengths are padded to whole 128-blocks; padded positions form their own document."""
+    """The TPU splash kernel on each device's shard. A Mosaic kernel cannot be partitioned by XLA, so
+    under a mesh it runs inside shard_map: batch split as the "batch" rule says, heads as "q_heads" /
+    "kv_heads" (tensor parallelism), every device attending over its whole sequences."""
+    local = functools.partial(_splash_local, interpret=interpret)
+    active = sharding.active()
+    if active is None:
+        return local(q_BTHE, k_BSKE, v_BSKE, segments_BT)
+    mesh, rules = active
+    q_spec = sharding.logical_to_spec(("batch", None, "q_heads", None), rules)
+    kv_spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), rules)
+    seg_spec = sharding.logical_to_spec(("batch", None), rules)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q_BTHE, k_BSKE, v_BSKE, segments_BT)
+
+
+def _splash_local(q_BTHE, k_BSKE, v_BSKE, segments_BT, interpret: bool = False):
+    """The splash kernel (multi-query form per kv head, vmapped over batch and kv heads) with segment
+    ids. Lengths are padded to whole 128-blocks; padded positions form their own document."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtp_jax import platforms
 from mtp_jax.config import ModelConfig
 from mtp_jax.model.attention import causal_attention, dense_attention
 from mtp_jax.sharding import constrain
@@ -58,7 +59,7 @@ def rope(x_BTHE: jax.Array, positions_BT: jax.Array, theta: float, layout: str =
 
 def dense(x_BTD: jax.Array, w_DF: jax.Array) -> jax.Array:
     """x @ w. On CPU through `_cpu_dense`, whose weight gradient is a plain row-major GEMM."""
-    return _cpu_dense(x_BTD, w_DF) if jax.default_backend() == "cpu" else x_BTD @ w_DF
+    return _cpu_dense(x_BTD, w_DF) if platforms.target() == "cpu" else x_BTD @ w_DF
 
 
 @jax.custom_vjp

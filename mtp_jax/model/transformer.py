@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtp_jax import platforms
 from mtp_jax.config import ModelConfig
 from mtp_jax.model.heads import HEAD_KINDS, head_slice, processing_order, stacked
 from mtp_jax.model.layers import Block, KVCache, RMSNorm, param
@@ -22,7 +23,7 @@ from mtp_jax.sharding import constrain
 Params = dict[str, Any]
 Feed = Callable[[jax.Array, jax.Array], jax.Array]  # (head index, previous head's output) -> (B, T, D)
 
-# `layer_loop: auto` unrolls trunks up to this depth. Unrolled, a step skips the scan's stacking of
+# `layer_loop: auto` unrolls trunks up to this depth on CPU (accelerators scan). Unrolled, a step skips the scan's stacking of
 # every block's residuals and slicing of its weights (0.975x the step time at the parity benchmark's
 # small shape, 0.933x at its large one, alternated in one process) while compile time grows with
 # depth (CPU, d_model 256: 7.4 -> 8.7 s at 6 blocks, 8.3 -> 15.1 s at 24).
@@ -50,7 +51,7 @@ def compute_dtype(name: str) -> str:
     """'auto' computes in bfloat16 on accelerators and float32 on CPU (where bf16 matmuls are slow)."""
     if name != "auto":
         return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if platforms.target() == "cpu" else "bfloat16"
 
 
 def _pure(tree: Any) -> Any:
@@ -121,6 +122,8 @@ class MTP:
     def unrolled(self) -> bool:
         """Whether the trunk's layer scan is unrolled (`model.layer_loop`)."""
         loop = self.cfg.layer_loop
+        if loop == "auto" and platforms.target() != "cpu":  # the unrolling gain was measured on CPU only
+            return False
         return loop == "unroll" or (loop == "auto" and self.cfg.trunk_layers <= UNROLL_MAX_LAYERS)
 
     def head(

@@ -1,0 +1,119 @@
+"""The paper's grid compiled for TPU: every experiments/paper/<size>_n<n>.yaml through `mtp-compile`
+for the topology the cluster table recommends, and splash / blockwise / xla attention side by side.
+
+Each row is one `mtp-compile` process (its command is printed beside the row), so a row can be
+rerun alone. Prints a Markdown table per part and one JSON object last. Times are the compiler's
+estimates, not measurements; memory is XLA's per-device analysis.
+
+    python -m mtp_jax.benchmarks.compile_grid [--sizes 0.3b,6.7b] [--heads 1,4] [--attention] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZES = ("0.3b", "0.6b", "1.3b", "3b", "6.7b", "13b")
+HEADS = (1, 2, 4)
+# One v5p pod slice of 128 chips (v5p-256) for every size: the paper's batch of 2048 x 4096 tokens
+# is then 16 sequences per chip, FSDP over all 128 chips.
+TOPOLOGY = {size: "v5p:4x4x8" for size in SIZES}
+# Attention kernels at T = 4096 and 8192: the 0.3B shape, n = 4, 16 sequences over 8 chips.
+ATTENTION = ("splash", "blockwise", "xla")
+ATTENTION_RUN = ("experiments/paper/0.3b_n4.yaml", "v5p:2x2x2", ["train.batch_size=16"])
+GIB = 2**30
+
+
+def command(config: str, topology: str, overrides: list[str]) -> list[str]:
+    return ["mtp-compile", config, "--topology", topology, *overrides]
+
+
+def compile_one(config: str, topology: str, overrides: list[str] = ()) -> dict[str, Any]:
+    """The train report of one `mtp-compile` run, or the error line it ended with."""
+    cmd = command(config, topology, list(overrides))
+    proc = subprocess.run([sys.executable, "-m", "mtp_jax.aot", *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    row: dict[str, Any] = {"command": " ".join(cmd), "returncode": proc.returncode}
+    if lines:
+        row.update(json.loads(lines[-1])["reports"][0])
+    if proc.returncode:
+        row["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return row
+
+
+def _gib(row: dict[str, Any], key: str) -> str:
+    return f"{row['memory'][key] / GIB:.2f}" if "memory" in row else "-"
+
+
+def grid_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| config | topology | fits | per-device GiB (total / temp) | compiler estimate s/step | "
+           "n / n=1 estimate | MFU (compiler estimate) | command |", "|---|---|---|---|---|---|---|---|"]
+    base = {r["size"]: r.get("compiler_estimate_s") for r in rows if r["n"] == 1}
+    for r in rows:
+        est = r.get("compiler_estimate_s")
+        ratio = f"{est / base[r['size']]:.3f}" if est and base.get(r["size"]) else "-"
+        mfu = r.get("mfu_compiler_estimate")
+        out.append(f"| {r['size']}_n{r['n']} | {r['topology_name']} | {r.get('fits', False)} | "
+                   f"{_gib(r, 'total')} / {_gib(r, 'temp')} | {est if est is None else f'{est:.2f}'} | {ratio} | "
+                   f"{'-' if mfu is None else f'{mfu:.3f}'} | `{r['command']}` |")
+    return "\n".join(out)
+
+
+def attention_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| attention | T | fits | per-device temp GiB | total GiB | compiler estimate s/step | command |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        est = r.get("compiler_estimate_s")
+        out.append(f"| {r['attention']} | {r['seq_len']} | {r.get('fits', False)} | {_gib(r, 'temp')} | "
+                   f"{_gib(r, 'total')} | {'-' if est is None else f'{est:.3f}'} | `{r['command']}` |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from mtp_jax.errors import ArgParser
+
+    ap = ArgParser(prog="compile_grid", description=__doc__)
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {','.join(SIZES)}")
+    ap.add_argument("--heads", default=",".join(map(str, HEADS)), help="comma-separated n values")
+    ap.add_argument("--attention", action="store_true", help="also splash vs blockwise vs xla at T = 4096, 8192")
+    ap.add_argument("--out", type=Path, help="also write the JSON summary here")
+    args = ap.parse_args(argv)
+    sizes = [s for s in args.sizes.split(",") if s]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        from mtp_jax.errors import UserError
+
+        raise UserError(f"--sizes {','.join(unknown)} unknown; choose from {','.join(SIZES)}")
+    grid = []
+    for size in sizes:
+        for n in (int(h) for h in args.heads.split(",") if h):
+            row = compile_one(f"experiments/paper/{size}_n{n}.yaml", TOPOLOGY[size])
+            grid.append({"size": size, "n": n, "topology_name": TOPOLOGY[size], **row})
+            print(json.dumps({k: grid[-1].get(k) for k in ("command", "fits", "compiler_estimate_s", "error")}),
+                  file=sys.stderr, flush=True)
+    attention = []
+    if args.attention:
+        config, topology, extra = ATTENTION_RUN
+        for t in (4096, 8192):
+            for impl in ATTENTION:
+                row = compile_one(config, topology, [*extra, f"train.seq_len={t}", f"model.attention={impl}"])
+                attention.append({"attention": impl, "seq_len": t, **row})
+                print(json.dumps({k: attention[-1].get(k) for k in ("command", "fits", "error")}), file=sys.stderr,
+                      flush=True)
+    if grid:
+        print(grid_table(grid))
+    if attention:
+        print(attention_table(attention))
+    summary = {"grid": grid, "attention": attention}
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
