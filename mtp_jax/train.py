@@ -37,7 +37,7 @@ SETTLE_S = 3.0  # below interrupts.GRACE_S, after which the process is forced ou
 
 
 def log(message: str) -> None:
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         print(message, file=sys.stderr, flush=True)
 
 
@@ -63,7 +63,7 @@ class Preemption:
 
 def _tokenizer(cfg: Config, run_dir: Path):
     """The primary process builds (or trains) the tokenizer; the others load what it saved."""
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         tokenizer = pipeline.build_tokenizer(cfg.data, run_dir)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tokenizer")
@@ -104,7 +104,7 @@ def _damaged_data(error: ValueError, data_path: str) -> ConfigError | None:
 def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, Any]:
     """Validates everything that can be checked against RUN_DIR before writing to it; returns the config
     (vocab resolved) and the tokenizer. A resume needs its tokenizer/; a run with no checkpoint starts afresh."""
-    primary = jax.process_index() == 0
+    primary = distributed.is_primary()
     resuming = ckpt.latest_step() is not None
     if resuming and not (run_dir / "tokenizer").is_dir():
         raise ConfigError(f"{run_dir} has checkpoints but no tokenizer/ folder; restore it from a backup (a new "
@@ -138,7 +138,7 @@ def train(cfg: Config) -> dict:
     """Trains (resuming if RUN_DIR has a checkpoint) and returns the final held-out evaluation."""
     distributed.initialize(cfg.distributed)
     run_dir = Path(cfg.train.run_dir)
-    primary = jax.process_index() == 0
+    primary = distributed.is_primary()
     lock.prepare_run_dir(run_dir)
     if primary:
         lock.acquire(run_dir)
@@ -176,7 +176,7 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
-    primary = jax.process_index() == 0
+    primary = distributed.is_primary()
     cfg, tokenizer = _open_run(cfg, run_dir, ckpt)
     built = build(cfg)
     fns, tcfg = built.fns, cfg.train

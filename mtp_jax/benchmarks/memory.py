@@ -21,10 +21,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.config import BLOCK_HEADS, ModelConfig
+from mtp_jax.config import ModelConfig
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model.attention import IMPLEMENTATIONS, resolve
-from mtp_jax.model.heads import HEAD_KINDS
+from mtp_jax.model.head_kinds import HEAD_KINDS, head_kind
 from mtp_jax.model.transformer import MTP
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     def model_cfg(n: int) -> ModelConfig:
         return ModelConfig(
             vocab_size=args.vocab, d_model=args.d_model, attn_heads=args.attn_heads, mtp_heads=n,
-            n_layers=args.trunk_layers + (n if args.head_type in BLOCK_HEADS else 0),
+            n_layers=args.trunk_layers + (n if head_kind(args.head_type).block else 0),
             attention=args.attention, head_type=args.head_type,
         )
 
