@@ -28,6 +28,8 @@ from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
 from mtp_jax.metrics import DivergenceGuard, MetricsWriter
+from mtp_jax.model import attention
+from mtp_jax.model.transformer import compute_dtype
 from mtp_jax.optim import schedule
 from mtp_jax.run import (build, check_resume, clear_unfinished_run, read_config, read_tokenizer, resolve_vocab,
                          write_run_files)
@@ -137,6 +139,8 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, A
 def train(cfg: Config) -> dict:
     """Trains (resuming if RUN_DIR has a checkpoint) and returns the final held-out evaluation."""
     distributed.initialize(cfg.distributed)
+    # The platform is known only now: an attention it cannot run is refused before RUN_DIR is written.
+    attention.resolve(cfg.model.attention, cfg.train.seq_len, compute_dtype(cfg.model.dtype))
     run_dir = Path(cfg.train.run_dir)
     primary = distributed.is_primary()
     lock.prepare_run_dir(run_dir)

@@ -1,8 +1,9 @@
 """The n prediction heads: parameters stacked on a leading head axis, applied one at a time.
 
 A head kind maps the trunk output z to head i's hidden state h_i; the shared final norm and
-unembedding (in `transformer.py`) turn h_i into logits for token t+i. New kinds implement
-`HeadKind` without touching the trunk: chained ones read the previous head's output, a
+unembedding (in `transformer.py`) turn h_i into logits for token t+i. A new kind is one row of
+the registry (`head_kinds.py`: its name, properties and class) and a class here implementing
+`HeadKind`, without touching the trunk: chained kinds read the previous head's output, a
 sequential one also the embedding of the token before its target, a replicated one brings its
 own unembedding.
 """
@@ -37,11 +38,16 @@ class HeadKind(Protocol):
 
     `chained` kinds (head i reads head i-1's output, as the paper's causal ablation and
     DeepSeek-style sequential modules do) get that output as `prev_BTD`; independent kinds
-    ignore it. The properties (`chained`, `reverse`, ...) are read from `spec`. Only independent kinds can use `apply_at` in a reduced verify pass: a chained
+    ignore it. Only independent kinds can use `apply_at` in a reduced verify pass: a chained
     head's entries at a position need the previous head's full output there.
     """
 
-    spec: HeadKindSpec  # the kind's properties, from the registry (`head_kinds.py`)
+    spec: HeadKindSpec  # the kind's properties, from the registry (`head_kinds.py`); copied below
+    chained: bool
+    reverse: bool
+    reads_tokens: bool
+    own_unembedding: bool
+    uses_cache: bool
 
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         """All n heads, parameters stacked on axis 0."""
@@ -66,31 +72,12 @@ class HeadKind(Protocol):
 
 
 class _Heads:
-    """The registry's properties of a kind, read by the model, the loss and the decoder."""
+    """A kind's implementation carries its registry properties, read by the model, loss and decoder."""
 
     def __init__(self, cfg: ModelConfig, spec: HeadKindSpec):
         self.cfg, self.spec = cfg, spec
-
-    @property
-    def chained(self) -> bool:
-        return self.spec.chained
-
-    @property
-    def reverse(self) -> bool:
-        return self.spec.reverse
-
-    @property
-    def reads_tokens(self) -> bool:
-        return self.spec.reads_tokens
-
-    @property
-    def own_unembedding(self) -> bool:
-        return self.spec.own_unembedding
-
-    @property
-    def uses_cache(self) -> bool:
-        """Heads with a block keep a KV cache per head in decoding."""
-        return self.spec.block
+        self.chained, self.reverse, self.reads_tokens = spec.chained, spec.reverse, spec.reads_tokens
+        self.own_unembedding, self.uses_cache = spec.own_unembedding, spec.block  # block heads cache keys/values
 
 
 class TransformerHeads(_Heads):
