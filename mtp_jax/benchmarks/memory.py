@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS)
     ap.add_argument("--head-type", default="transformer", choices=HEAD_KINDS)
     ap.add_argument("--seq-sweep", action="store_true",
-                    help="temp bytes over --seqs at the issue-12 shape (defaults below apply unless given)")
+                    help="temp bytes over --seqs at d_model 512, 1 trunk block + 1 head, vocab 4096, batch 1 (unless given)")
     ap.add_argument("--seqs", default="1024,2048,4096,8192")
     args = ap.parse_args(argv)
     if args.seq_sweep:  # d_model 512, 8 heads, 1 trunk block + 1 head, vocab 4096, batch 1
