@@ -1,7 +1,9 @@
 """The training loop: data -> jitted step -> metrics, checkpoints, preemption, final evaluation.
 
-Follow one step: `mtp-train` (cli.py) -> `train(cfg)` here -> `StepFns.train_step` (step.py)
--> `mtp_loss` (loss.py) -> `MTP.trunk` / `MTP.head` (model/transformer.py).
+Follow one step: `mtp-train` (cli.py) -> `train(cfg)` here -> `build(cfg)` (run.py: model,
+optimizer, mesh, step functions) -> `StepFns.train_step` (step.py) -> `mtp_loss` (loss.py) ->
+`MTP.trunk` / `MTP.head` (model/transformer.py) -> the head kinds (model/heads.py) and blocks
+(model/layers.py, model/attention.py).
 """
 
 from __future__ import annotations
