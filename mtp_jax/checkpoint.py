@@ -27,13 +27,14 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from mtp_jax import distributed
 from mtp_jax.config import ConfigError
 from mtp_jax.errors import full_disk_errno, full_disk_error
 from mtp_jax.hooks import pause_point
 
 
 def _warn(message: str) -> None:
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -160,7 +161,7 @@ class Checkpointer:
 
     def discard_unfinished(self) -> None:
         """Deletes half-written saves (the run's lock says no one else writes here)."""
-        if jax.process_index() == 0:
+        if distributed.is_primary():
             for path in self._unfinished():
                 path.rmtree()
 
@@ -310,7 +311,7 @@ class Checkpointer:
         """Moves unreadable steps out of Orbax's sight: left in place they would block saving those steps again."""
         if not steps:
             return
-        if jax.process_index() == 0:
+        if distributed.is_primary():
             stamp = time.strftime("%Y%m%d-%H%M%S")
             for step in steps:
                 target = self.directory / f"{step}.unreadable-{stamp}"

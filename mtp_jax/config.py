@@ -16,11 +16,10 @@ from typing import Any
 import yaml
 
 from mtp_jax.errors import ConfigError
+from mtp_jax.model.head_kinds import HEAD_KINDS, head_kind
 
 __all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "validate"]
 
-
-BLOCK_HEADS = ("transformer", "causal", "anticausal", "sequential")  # head kinds made of transformer blocks
 
 
 @dataclasses.dataclass
@@ -29,7 +28,7 @@ class ModelConfig:
 
     As in the paper (7B: 32 layers, n=4 -> 28 trunk + 4 head layers), transformer heads take
     `mtp_heads` blocks from the total, so n=1 is a plain n_layers-deep next-token model whose
-    last block is head 1. Linear heads and replicated unembeddings take no blocks.
+    last block is head 1. Kinds without a block (`head_kinds.py`) take none.
     """
 
     vocab_size: int = 0  # 0 = take it from the tokenizer
@@ -41,7 +40,7 @@ class ModelConfig:
     d_ff: int = 0  # 0 = SwiGLU default: 8/3 d_model rounded up to a multiple of ffn_multiple
     ffn_multiple: int = 64  # 256 = Llama's rounding (11008 at d_model 4096)
     mtp_heads: int = 4  # n: head i predicts token t+i
-    head_type: str = "transformer"  # transformer | linear | causal | anticausal | sequential | replicated
+    head_type: str = "transformer"  # a kind of mtp_jax/model/head_kinds.py: transformer | linear | causal | ...
     rope_theta: float = 10000.0
     rope_layout: str = "half"  # half (rotate halves of the head dim, Hugging Face) | interleaved (pairs, Meta)
     norm_eps: float = 1e-5
@@ -54,7 +53,7 @@ class ModelConfig:
 
     @property
     def trunk_layers(self) -> int:
-        return self.n_layers - (self.mtp_heads if self.head_type in BLOCK_HEADS else 0)
+        return self.n_layers - (self.mtp_heads if head_kind(self.head_type).block else 0)
 
     @property
     def kv_heads_(self) -> int:
@@ -181,7 +180,7 @@ class Config:
 
 
 _CHOICES = {
-    "model.head_type": ("transformer", "linear", "causal", "anticausal", "sequential", "replicated"),
+    "model.head_type": tuple(HEAD_KINDS),
     "model.remat": ("none", "full", "dots"),
     "model.layer_loop": ("auto", "scan", "unroll"),
     "model.rope_layout": ("half", "interleaved"),
@@ -355,10 +354,10 @@ def validate(cfg: Config) -> None:
     _check(
         m.trunk_layers >= 1,
         f"model.n_layers={m.n_layers} leaves no trunk for model.mtp_heads={m.mtp_heads}; "
-        f"set n_layers >= {m.n_layers - m.trunk_layers + 1} (transformer heads take mtp_heads of the n_layers blocks)",
+        f"set n_layers >= {m.n_layers - m.trunk_layers + 1} (block heads take mtp_heads of the n_layers blocks)",
     )
-    _check(not (m.head_type == "replicated" and m.tie_embeddings),
-           "model.head_type=replicated gives every head its own unembedding; set model.tie_embeddings=false")
+    _check(not (head_kind(m.head_type).own_unembedding and m.tie_embeddings),
+           f"model.head_type={m.head_type} gives every head its own unembedding; set model.tie_embeddings=false")
     for name in ("d_model", "attn_heads", "ffn_multiple"):
         _check(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
     _check(

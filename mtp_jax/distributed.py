@@ -23,7 +23,7 @@ What JAX 0.10 does by itself when a peer dies (measured with 2 CPU processes, on
 So `_Watchdog` adds: every process beats through the coordinator's key-value store and watches the
 next process in a ring. A peer silent for `heartbeat_timeout` seconds gets a verdict and every
 survivor prints one line, e.g. `error: lost contact with process 1 (no heartbeat for 60 s: ...)`,
-and exits with PEER_LOST_EXIT_CODE. A process that raises tells the others (they stop with the same
+and exits with EXIT_LOST_PEER (3). A process that raises tells the others (they stop with the same
 kind of line) instead of sitting in the shutdown barrier. JAX's heartbeat is set later than ours
 and stays as the backstop.
 """
@@ -41,11 +41,11 @@ from typing import Any
 import jax
 
 from mtp_jax.config import ConfigError, DistributedConfig
+from mtp_jax.errors import EXIT_LOST_PEER
 
 ENV_COORDINATOR = "MTP_COORDINATOR"
 ENV_NUM_PROCESSES = "MTP_NUM_PROCESSES"
 ENV_PROCESS_ID = "MTP_PROCESS_ID"
-PEER_LOST_EXIT_CODE = 3  # distinct from 1 (this process failed) and 2 (user error)
 
 _TPU_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "CLOUD_TPU_TASK_ID")
 _KV = "mtp_watchdog"
@@ -274,7 +274,7 @@ def _index(key: str, position: int = -1) -> int:
 
 def _stop(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
-    _exit(PEER_LOST_EXIT_CODE)
+    _exit(EXIT_LOST_PEER)
 
 
 def _exit(code: int) -> None:

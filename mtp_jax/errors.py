@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 EXIT_USER = 2  # bad input: config, flags, paths, data
-EXIT_LOST_PEER = 3  # another process of a multi-host job stopped answering (distributed.py)
+EXIT_LOST_PEER = 3  # another process of a multi-host job stopped answering (distributed.py); not 1 (this process failed)
 EXIT_DIVERGED = 4  # non-finite loss or gradient: the run stopped, good checkpoints kept
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 

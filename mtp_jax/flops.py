@@ -4,16 +4,17 @@ Training FLOPs per token (PaLM appendix B convention, forward + backward = 3 x f
 
     6 * P_matmul + 6 * L_attn * T * (attn_heads * head_dim)
 
-- P_matmul: parameters used in matmuls: every trunk block and every head (a transformer head is
-  a block, a linear head a d x d map), plus the unembedding d x V counted ONCE PER HEAD, since
-  each of the n heads multiplies its hidden state by it. The embedding lookup is a gather (no
-  FLOPs); norm scales are elementwise. (For n = 1 this is a plain LM's 6N without embeddings.)
+- P_matmul: parameters used in matmuls: every trunk block and every head (a block where the
+  kind has one, plus its input projection: a linear head's d x d map, a sequential head's
+  2d x d), plus the unembedding d x V counted ONCE PER HEAD, since each of the n heads
+  multiplies its hidden state by it (its own, for a replicated kind). The embedding lookup is
+  a gather (no FLOPs); norm scales are elementwise. (For n = 1 this is a plain LM's 6N without embeddings.)
 - Attention scores and values: QK^T and AV, 2 matmuls of 2 * T * H * E FLOPs per token and
   layer forward over the full window, x3 for training = 12 * T * H * E; we count the CAUSAL
   HALF (6 * T * H * E), the work a causal model needs (MaxText's convention; PaLM counts the
   full 12). So MFU does not credit the masked upper triangle that XLA's attention computes
-  anyway. L_attn counts every attention layer: trunk blocks plus transformer heads (n_layers
-  in total for transformer heads, whatever n is).
+  anyway. L_attn counts every attention layer: trunk blocks plus heads with a block (n_layers
+  in total for those kinds, whatever n is).
 
 This is model FLOPs (what the architecture needs), not hardware FLOPs: remat recomputation,
 softmax/norm elementwise work and optimizer updates are not counted.
@@ -23,7 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtp_jax.config import BLOCK_HEADS, ModelConfig
+from mtp_jax.config import ModelConfig
+from mtp_jax.model.head_kinds import head_kind
 
 
 def block_matmul_params(cfg: ModelConfig) -> int:
@@ -34,7 +36,8 @@ def block_matmul_params(cfg: ModelConfig) -> int:
 
 def matmul_params(cfg: ModelConfig) -> dict[str, int]:
     """Matmul parameters by part; 'unembed' already counts the n applications."""
-    head = block_matmul_params(cfg) if cfg.head_type in BLOCK_HEADS else cfg.d_model * cfg.d_model
+    kind = head_kind(cfg.head_type)
+    head = (block_matmul_params(cfg) if kind.block else 0) + kind.projection_in * cfg.d_model * cfg.d_model
     return {
         "trunk": cfg.trunk_layers * block_matmul_params(cfg),
         "heads": cfg.mtp_heads * head,
@@ -43,7 +46,7 @@ def matmul_params(cfg: ModelConfig) -> dict[str, int]:
 
 
 def attention_layers(cfg: ModelConfig) -> int:
-    return cfg.trunk_layers + (cfg.mtp_heads if cfg.head_type in BLOCK_HEADS else 0)
+    return cfg.trunk_layers + (cfg.mtp_heads if head_kind(cfg.head_type).block else 0)
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

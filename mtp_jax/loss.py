@@ -25,7 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.model.heads import head_slice, processing_order
+from mtp_jax.model.head_kinds import processing_order
+from mtp_jax.model.heads import head_slice, scan_heads
 from mtp_jax.model.transformer import MTP, Params
 
 Metrics = dict[str, jax.Array]
@@ -151,27 +152,15 @@ def _one_head(mtp: MTP, chunk: int, hp: Params, shared: Params, z_BTD, prev_BTD,
     return (loss / count, h_BTD), correct / count
 
 
-def _order(mtp: MTP, n: int) -> jax.Array:
-    return jnp.asarray(processing_order(mtp.head_kind, n))
-
-
-def _permute(tree: Any, idx: jax.Array) -> Any:
-    return jax.tree.map(lambda x: x[idx], tree)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def heads_loss(mtp: MTP, chunk: int, heads: Params, shared: Params, z_BTD, tokens_BL, segments_BL, weights_N, counts_N):
     """Forward-only path (evaluation): one head at a time in processing order, chunked cross-entropy;
     a chained kind's head gets the previous head's output (independent kinds ignore it)."""
-    order = _order(mtp, weights_N.shape[0])
-
-    def body(prev_BTD, xs):
-        hp, i = xs
+    def step(prev_BTD, hp, i, _):
         (loss, h_BTD), acc = _one_head(mtp, chunk, hp, shared, z_BTD, prev_BTD, tokens_BL, segments_BL, i, counts_N[i])
-        return (h_BTD if mtp.head_kind.chained else prev_BTD), (loss, acc)
+        return h_BTD, (loss, acc)
 
-    _, (losses, accs) = jax.lax.scan(body, z_BTD, (_permute(heads, order), order))
-    losses, accs = _permute((losses, accs), jnp.argsort(order))
+    losses, accs = scan_heads(mtp.head_kind, heads, z_BTD, step)
     return jnp.sum(weights_N * losses), {"loss": losses, "accuracy": accs}
 
 
@@ -221,18 +210,15 @@ def _chained_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weigh
     reverse scan recomputes head k from its input and back-propagates its loss together with the
     cotangent its output received from the next head. Logits memory stays one chunk; the inputs
     grow with n; each head's forward runs twice."""
-    order = _order(mtp, weights_N.shape[0])
-    heads_k = _permute(heads, order)
-
+    order = jnp.asarray(processing_order(mtp.head_kind.spec, weights_N.shape[0]))
     b, t = z_BTD.shape[:2]
 
-    def forward(prev_BTD, xs):
-        hp, i = xs
+    def forward(prev_BTD, hp, i, _):
         h_BTD, _ = mtp.head(hp, z_BTD, _positions(b, t), segments_BL[:, :t], None, prev_BTD,
                             _feed(mtp, shared, tokens_BL, i, t))
         return h_BTD, prev_BTD
 
-    _, inputs_K = jax.lax.scan(forward, z_BTD, (heads_k, order))
+    inputs_K = scan_heads(mtp.head_kind, heads, z_BTD, forward, head_order=False)
 
     def backward(carry, xs):
         dh_BTD, dz_BTD, dshared = carry
@@ -246,9 +232,9 @@ def _chained_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weigh
 
     init = (_f32_zeros(z_BTD), _f32_zeros(z_BTD), _f32_zeros(shared))
     (dfirst, dz_BTD, dshared), outs = jax.lax.scan(
-        backward, init, (heads_k, inputs_K, order, weights_N[order]), reverse=True
+        backward, init, (head_slice(heads, order), inputs_K, order, weights_N[order]), reverse=True
     )
-    dheads, losses, accs = _permute(outs, jnp.argsort(order))
+    dheads, losses, accs = head_slice(outs, jnp.argsort(order))
     return _finish(weights_N, losses, accs, dheads, dshared, dz_BTD + dfirst, shared, z_BTD)  # head 0 read z
 
 
@@ -304,6 +290,7 @@ def mtp_loss(
 
 
 def loss_weights(n: int, weights: list | tuple = ()) -> jax.Array:
+    """(n,) base loss weights: `train.loss_weights`, or all 1 (the paper's unweighted sum)."""
     return jnp.asarray(weights if weights else [1.0] * n, jnp.float32)
 
 

@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import TrainConfig
+from mtp_jax.loss import loss_weights
 
 
 class LossSchedule:
     def __init__(self, n: int, tcfg: TrainConfig):
         self.n, self.t = n, tcfg
-        self.base_N = jnp.asarray(tcfg.loss_weights or [1.0] * n, jnp.float32)
+        self.base_N = loss_weights(n, tcfg.loss_weights)
 
     def _schedule(self, step: jax.Array) -> jax.Array:
         n, t = self.n, self.t

@@ -1,7 +1,9 @@
 """The training loop: data -> jitted step -> metrics, checkpoints, preemption, final evaluation.
 
-Follow one step: `mtp-train` (cli.py) -> `train(cfg)` here -> `StepFns.train_step` (step.py)
--> `mtp_loss` (loss.py) -> `MTP.trunk` / `MTP.head` (model/transformer.py).
+Follow one step: `mtp-train` (cli.py) -> `train(cfg)` here -> `build(cfg)` (run.py: model,
+optimizer, mesh, step functions) -> `StepFns.train_step` (step.py) -> `mtp_loss` (loss.py) ->
+`MTP.trunk` / `MTP.head` (model/transformer.py) -> the head kinds (model/heads.py) and blocks
+(model/layers.py, model/attention.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
 from mtp_jax.metrics import DivergenceGuard, MetricsWriter
+from mtp_jax.model import attention
+from mtp_jax.model.transformer import compute_dtype
 from mtp_jax.optim import schedule
 from mtp_jax.run import (build, check_resume, clear_unfinished_run, read_config, read_tokenizer, resolve_vocab,
                          write_run_files)
@@ -37,7 +41,7 @@ SETTLE_S = 3.0  # below interrupts.GRACE_S, after which the process is forced ou
 
 
 def log(message: str) -> None:
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         print(message, file=sys.stderr, flush=True)
 
 
@@ -63,7 +67,7 @@ class Preemption:
 
 def _tokenizer(cfg: Config, run_dir: Path):
     """The primary process builds (or trains) the tokenizer; the others load what it saved."""
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         tokenizer = pipeline.build_tokenizer(cfg.data, run_dir)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tokenizer")
@@ -104,7 +108,7 @@ def _damaged_data(error: ValueError, data_path: str) -> ConfigError | None:
 def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, Any]:
     """Validates everything that can be checked against RUN_DIR before writing to it; returns the config
     (vocab resolved) and the tokenizer. A resume needs its tokenizer/; a run with no checkpoint starts afresh."""
-    primary = jax.process_index() == 0
+    primary = distributed.is_primary()
     resuming = ckpt.latest_step() is not None
     if resuming and not (run_dir / "tokenizer").is_dir():
         raise ConfigError(f"{run_dir} has checkpoints but no tokenizer/ folder; restore it from a backup (a new "
@@ -137,8 +141,10 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, A
 def train(cfg: Config) -> dict:
     """Trains (resuming if RUN_DIR has a checkpoint) and returns the final held-out evaluation."""
     distributed.initialize(cfg.distributed)
+    # The platform is known only now: an attention it cannot run is refused before RUN_DIR is written.
+    attention.resolve(cfg.model.attention, cfg.train.seq_len, compute_dtype(cfg.model.dtype))
     run_dir = Path(cfg.train.run_dir)
-    primary = jax.process_index() == 0
+    primary = distributed.is_primary()
     lock.prepare_run_dir(run_dir)
     if primary:
         lock.acquire(run_dir)
@@ -176,7 +182,7 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
-    primary = jax.process_index() == 0
+    primary = distributed.is_primary()
     cfg, tokenizer = _open_run(cfg, run_dir, ckpt)
     built = build(cfg)
     fns, tcfg = built.fns, cfg.train

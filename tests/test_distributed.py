@@ -22,6 +22,7 @@ from conftest import xla_flags
 
 from mtp_jax import distributed, sharding
 from mtp_jax.config import ConfigError, DistributedConfig, MeshConfig
+from mtp_jax.errors import EXIT_LOST_PEER
 
 ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 5  # the peer-loss tests' distributed.heartbeat_timeout
@@ -297,7 +298,7 @@ def outcome(procs: list[subprocess.Popen], victim: int) -> tuple[int, str, float
 def test_survivor_names_a_killed_peer(worker: Path) -> None:
     """Process 1 is SIGKILLed while process 0 waits in a barrier: process 0 exits with the watchdog's line."""
     code, err, after = outcome(spawn_pair(worker, "kill", victim=1), victim=1)
-    assert code == distributed.PEER_LOST_EXIT_CODE, err
+    assert code == EXIT_LOST_PEER, err
     assert f"error: lost contact with process 1 (no heartbeat for {HEARTBEAT_S} s" in err
     assert after < 4 * HEARTBEAT_S + 10
 
@@ -309,7 +310,7 @@ def test_survivor_names_a_peer_that_raised(worker: Path) -> None:
     procs = spawn_pair(worker, "raise", victim=1)
     code, err, after = outcome(procs, victim=1)
     assert procs[1].returncode == 1
-    assert code in (1, distributed.PEER_LOST_EXIT_CODE), err
+    assert code in (1, EXIT_LOST_PEER), err
     assert "process 1" in err and "RuntimeError: boom" in err.splitlines()[-1]
     assert after < 4 * HEARTBEAT_S + 10
 

@@ -1,7 +1,8 @@
 """Head kinds beyond parallel blocks (the paper's causal and anticausal ablations, DeepSeek-style
 sequential modules, the byte models' replicated unembedding): the flat loss and gradients against
 a reference written from the equations, packed documents kept apart, and speculative greedy
-decoding == plain greedy."""
+decoding == plain greedy; and the registry's kinds are exactly those that config validation and
+both decoding passes take."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax.config import load_config
+from mtp_jax.config import ConfigError, load_config
 from mtp_jax.decode.generate import generate
+from mtp_jax.decode.passes import verify_pass
 from mtp_jax.decode.speculative import speculative_generate
 from mtp_jax.loss import loss_weights, mtp_loss
+from mtp_jax.model.head_kinds import HEAD_KINDS
 from mtp_jax.model.layers import Block
 from mtp_jax.model.transformer import MTP
 
@@ -184,3 +187,35 @@ def test_speculative_greedy_equals_greedy(kind):
     assert plain == _uncached_greedy(mtp, params, prompts, 10)
     for k in (2, N):
         assert speculative_generate(mtp, params, prompts, k, 10).completions() == plain
+
+
+def test_config_accepts_exactly_the_registered_kinds():
+    """Every registered kind loads; a name the registry lacks is one config error naming the choices."""
+    for kind in HEAD_KINDS:
+        assert _mtp(kind).cfg.head_type == kind
+    with pytest.raises(ConfigError, match="not one of " + ", ".join(HEAD_KINDS)):
+        load_config(None, ["model.head_type=convolutional"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(HEAD_KINDS))
+@pytest.mark.parametrize("reduced", [False, True], ids=["wide", "reduced"])
+def test_both_verify_passes_match_the_uncached_forward(kind, reduced):
+    """Each decoding pass over an empty cache gives head 1's logits at every fed position and the
+    drafts of heads 2..N-1 at the chosen index, as the uncached forward pass over the same tokens
+    (fewer heads than n: an anticausal head 1 still needs all of them)."""
+    mtp = _mtp(kind)
+    params = _params(mtp, seed=2)
+    tokens = _batch()["tokens"][:, :T]
+    positions = jnp.broadcast_to(jnp.arange(T), tokens.shape)
+    index = jnp.array([T - 1, 4])
+
+    @jax.jit
+    def run(p):
+        first, draft = verify_pass(mtp, p, mtp.init_cache(2, T + 4), tokens, positions, N - 1, reduced=reduced)
+        return first, draft(index)[0]
+
+    first, drafts = run(params)
+    want = np.asarray(mtp.forward(params, tokens))  # (N, B, T, V)
+    np.testing.assert_allclose(first, want[0], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(drafts, want[1:N - 1, [0, 1], np.asarray(index)].swapaxes(0, 1), rtol=2e-5, atol=2e-5)

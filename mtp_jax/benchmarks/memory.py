@@ -21,10 +21,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.config import BLOCK_HEADS, ModelConfig
+from mtp_jax.config import ModelConfig
 from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model.attention import IMPLEMENTATIONS, resolve
-from mtp_jax.model.heads import HEAD_KINDS
+from mtp_jax.model.head_kinds import HEAD_KINDS, head_kind
 from mtp_jax.model.transformer import MTP
 
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS)
     ap.add_argument("--head-type", default="transformer", choices=HEAD_KINDS)
     ap.add_argument("--seq-sweep", action="store_true",
-                    help="temp bytes over --seqs at the issue-12 shape (defaults below apply unless given)")
+                    help="temp bytes over --seqs at d_model 512, 1 trunk block + 1 head, vocab 4096, batch 1 (unless given)")
     ap.add_argument("--seqs", default="1024,2048,4096,8192")
     args = ap.parse_args(argv)
     if args.seq_sweep:  # d_model 512, 8 heads, 1 trunk block + 1 head, vocab 4096, batch 1
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     def model_cfg(n: int) -> ModelConfig:
         return ModelConfig(
             vocab_size=args.vocab, d_model=args.d_model, attn_heads=args.attn_heads, mtp_heads=n,
-            n_layers=args.trunk_layers + (n if args.head_type in BLOCK_HEADS else 0),
+            n_layers=args.trunk_layers + (n if head_kind(args.head_type).block else 0),
             attention=args.attention, head_type=args.head_type,
         )
 

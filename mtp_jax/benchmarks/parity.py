@@ -3,8 +3,9 @@
 XLA's and PyTorch's CPU GEMMs differ in speed, so the figure of merit is an engine's
 efficiency: model FLOP/s of its training step over the FLOP/s of a bare float32 matmul of the
 step's dominant shape ((B*T, d) x (d, d_ff)), both measured by the same engine in the same
-round. The PyTorch peer (`../shared/peers/torch_mtp.py`: trunk once, then each head's forward
-and backward, one trunk backward, AdamW with clipping) runs in a worker process under an
+round. The PyTorch peer (`--peer`, by default `../shared/peers/torch_mtp.py` beside the
+checkout: trunk once, then each head's forward and backward, one trunk backward, AdamW with
+clipping) runs in a worker process under an
 interpreter that has torch (`benchmarks/torch_peer.py`); mtp_jax runs its own train step
 (`StepFns`). The parent alternates the engines item by item (order reversed every round), only
 one runs at a time, so drift on a shared machine hits both alike. Both sides count FLOPs with
@@ -14,7 +15,7 @@ Per shape and n: median over rounds of each engine's tokens/s and efficiency, th
 (mtp_jax tokens/s over the peer's) and the normalised ratio (efficiency over efficiency), plus the
 median of the within-round normalised ratios as a noise check. Prints one JSON object last.
 
-    python -m mtp_jax.benchmarks.parity --torch-python /work/torchvenv/bin/python [--shapes small,large]
+    python -m mtp_jax.benchmarks.parity --torch-python ../torchvenv/bin/python [--shapes small,large]
     taskset -c 0 benchmarks/parity.sh   # one core each: no thread-pool contention on a shared machine
 """
 
@@ -40,7 +41,7 @@ from mtp_jax.flops import model_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "benchmarks" / "torch_peer.py"
-# (d_model, blocks, vocab, batch, seq): the throughput benchmark's shape and issue 12's larger one.
+# (d_model, blocks, vocab, batch, seq): the throughput benchmark's shape and a larger one.
 SHAPES = {"small": (256, 6, 4096, 4, 256), "large": (512, 6, 8192, 8, 512)}
 
 

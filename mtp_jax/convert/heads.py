@@ -13,8 +13,9 @@ import dataclasses
 
 import numpy as np
 
-from mtp_jax.config import BLOCK_HEADS, Config
+from mtp_jax.config import Config
 from mtp_jax.errors import UserError
+from mtp_jax.model.head_kinds import head_kind
 
 
 def new_head_count(n: int, keep: int | None, add: int | None) -> int:
@@ -41,7 +42,7 @@ def resize_heads(heads: dict, n_new: int) -> dict:
 def resized_config(cfg: Config, n_new: int, run_dir: str) -> tuple[Config, list[str]]:
     """The run's config for n_new heads in `run_dir` (trunk depth kept), and notes on what changed."""
     m, t = cfg.model, cfg.train
-    n_layers = m.trunk_layers + n_new if m.head_type in BLOCK_HEADS else m.n_layers
+    n_layers = m.trunk_layers + n_new if head_kind(m.head_type).block else m.n_layers
     notes = []
     weights = t.loss_weights
     if weights and len(weights) != n_new:

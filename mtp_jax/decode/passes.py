@@ -39,7 +39,7 @@ def at_index(x_NBT: jax.Array, index_B: jax.Array) -> jax.Array:
 
 
 def _heads_slice(tree, lo: int, hi: int):
-    return jax.tree.map(lambda x: x[lo:hi], tree)
+    return head_slice(tree, slice(lo, hi))
 
 
 def _set_heads(cache: Cache, lo: int, new: KVCache | None) -> Cache:
@@ -58,7 +58,7 @@ def forward_step(
     (`MTP.heads_hidden`), so compile time does not grow with k.
     """
     z_BTD, trunk_cache = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"])
-    run = mtp.cfg.mtp_heads if getattr(mtp.head_kind, "reverse", False) else heads  # anticausal: head 1 reads all
+    run = mtp.cfg.mtp_heads if mtp.head_kind.reverse else heads  # anticausal: head 1 reads all
     first = lambda tree: _heads_slice(tree, 0, run)
     feed = mtp.token_feed(mtp.shared(params), tokens_BT)  # sequential kinds: the fed token, then argmaxes
     h_NBTD, head_cache = mtp.heads_hidden(first(params["heads"]), z_BTD, positions_BT, None, first(cache["heads"]),
@@ -126,7 +126,7 @@ def trunk_and_first_head(mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.
                          tree_mask_BTS: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Cache]:
     """(z, head 1's hidden state, caches) over the fed tokens; `tree_mask_BTS` for a candidate tree."""
     z_BTD, trunk_cache = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"], tree_mask_BTS)
-    first_cache = None if cache["heads"] is None else KVCache(*(x[0] for x in cache["heads"]))
+    first_cache = head_slice(cache["heads"], 0)
     h_BTD, first_cache = mtp.head_kind.apply(head_slice(params["heads"], 0), z_BTD, positions_BT, None, first_cache,
                                              tree_mask_BTS=tree_mask_BTS)
     cache = {"trunk": trunk_cache, "heads": cache["heads"]}

@@ -42,7 +42,8 @@ _NEG = -1e30  # masked score: finite, so a row masked in a whole block never yie
 
 
 def resolve(name: str, seq_len: int, dtype: jnp.dtype, platform: str | None = None) -> str:
-    """The implementation `name` stands for at this length, dtype and platform (`auto` logged once)."""
+    """The implementation `name` stands for at this length, dtype and platform (`auto` logged once);
+    a ConfigError where the platform or dtype cannot run it (`train` asks before writing RUN_DIR)."""
     platform = platform or platforms.target()
     if name == "auto":
         if platform == "tpu":
@@ -55,6 +56,8 @@ def resolve(name: str, seq_len: int, dtype: jnp.dtype, platform: str | None = No
         return choice
     if name == "cudnn" and platform != "gpu":
         raise ConfigError(f"model.attention='cudnn' needs a GPU but this host runs {platform}; use auto, blockwise or xla")
+    if name == "splash" and platform != "tpu":
+        raise ConfigError(f"model.attention='splash' needs a TPU but this host runs {platform}; use auto, blockwise or xla")
     if name == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         raise ConfigError(f"model.attention='cudnn' runs in bfloat16/float16 only; set model.dtype=bfloat16 or use auto")
     if name not in IMPLEMENTATIONS:

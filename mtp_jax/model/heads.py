@@ -1,15 +1,16 @@
 """The n prediction heads: parameters stacked on a leading head axis, applied one at a time.
 
 A head kind maps the trunk output z to head i's hidden state h_i; the shared final norm and
-unembedding (in `transformer.py`) turn h_i into logits for token t+i. New kinds implement
-`HeadKind` without touching the trunk: chained ones read the previous head's output, a
+unembedding (in `transformer.py`) turn h_i into logits for token t+i. A new kind is one row of
+the registry (`head_kinds.py`: its name, properties and class) and a class here implementing
+`HeadKind`, without touching the trunk: chained kinds read the previous head's output, a
 sequential one also the embedding of the token before its target, a replicated one brings its
 own unembedding.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from flax import nnx
 
 from mtp_jax.config import ModelConfig
 from mtp_jax.model.draft_block import at_index, block_at
+from mtp_jax.model.head_kinds import HeadKindSpec, head_kind, processing_order
 from mtp_jax.model.layers import Block, KVCache, RMSNorm, param
 
 
@@ -40,10 +42,12 @@ class HeadKind(Protocol):
     head's entries at a position need the previous head's full output there.
     """
 
-    uses_cache: bool  # keeps a KV cache per head in decoding
-    chained: bool  # head i reads head i-1's output
-    reads_tokens: bool  # head i also reads Emb(x_{t+i-1}) as `feed_BTD` (sequential)
-    own_unembedding: bool  # head i's parameters hold its (D, V) unembedding under "unembed" (replicated)
+    spec: HeadKindSpec  # the kind's properties, from the registry (`head_kinds.py`); copied below
+    chained: bool
+    reverse: bool
+    reads_tokens: bool
+    own_unembedding: bool
+    uses_cache: bool
 
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         """All n heads, parameters stacked on axis 0."""
@@ -67,16 +71,20 @@ class HeadKind(Protocol):
         every fed position (what `apply` gives there and writes), each weight read once."""
 
 
-class TransformerHeads:
+class _Heads:
+    """A kind's implementation carries its registry properties, read by the model, loss and decoder."""
+
+    def __init__(self, cfg: ModelConfig, spec: HeadKindSpec):
+        self.cfg, self.spec = cfg, spec
+        self.chained, self.reverse, self.reads_tokens = spec.chained, spec.reverse, spec.reads_tokens
+        self.own_unembedding, self.uses_cache = spec.own_unembedding, spec.block  # block heads cache keys/values
+
+
+class TransformerHeads(_Heads):
     """The paper's default: each head is one transformer block reading z (parallel heads)."""
 
-    uses_cache = True
-    chained = False
-    reads_tokens = False
-    own_unembedding = False
-
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, spec: HeadKindSpec):
+        super().__init__(cfg, spec)
         self.block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
 
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -98,16 +106,8 @@ class LinearProjection(nnx.Module):
         self.kernel = param(rngs, (cfg.d_model, cfg.d_model), ("embed", None), cfg.init_std)
 
 
-class LinearHeads:
+class LinearHeads(_Heads):
     """Ablation from the paper: head i is a single d x d linear map before the shared unembedding."""
-
-    uses_cache = False
-    chained = False
-    reads_tokens = False
-    own_unembedding = False
-
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
 
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: LinearProjection(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
@@ -128,9 +128,6 @@ class ChainedHeads(TransformerHeads):
     with `reverse`, the anticausal one (the farthest head reads z, head i reads head i+1's output).
     `prev_BTD` is the output of the head processed before this one (z itself, or None, for the first)."""
 
-    chained = True
-    reverse = False
-
     def apply(self, params_i, z_BTD, positions_BT, segments_BT, cache, prev_BTD=None, tree_mask_BTS=None,
               feed_BTD=None):
         x_BTD = z_BTD if prev_BTD is None else prev_BTD
@@ -141,10 +138,6 @@ class ChainedHeads(TransformerHeads):
                          "output")
 
     apply_at = write_cache
-
-
-class AnticausalHeads(ChainedHeads):
-    reverse = True
 
 
 class SequentialModule(nnx.Module):
@@ -168,10 +161,8 @@ class SequentialHeads(ChainedHeads):
     feeds the true tokens; decoding, where x_{t+i-1} is not known yet, feeds head i-1's argmax at t
     (`MTP.token_feed`), so every cache entry is a function of the prefix alone."""
 
-    reads_tokens = True
-
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, spec: HeadKindSpec):
+        _Heads.__init__(self, cfg, spec)
         self.module_def = nnx.graphdef(nnx.eval_shape(lambda: SequentialModule(cfg, nnx.Rngs(0))))
 
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -193,8 +184,6 @@ class ReplicatedHeads(LinearHeads):
     """The byte models' replicated unembedding (d, n x V): no head layers, head i's logits are
     RMSNorm(z) W_i with its own W_i (D, V), stacked as (n, D, V)."""
 
-    own_unembedding = True
-
     def create(self, rngs: nnx.Rngs) -> nnx.Module:
         return stacked(lambda r: Unembedding(self.cfg, r), self.cfg.mtp_heads, "mtp", rngs)
 
@@ -206,17 +195,30 @@ class ReplicatedHeads(LinearHeads):
         return at_index(z_BTD, index_B)[:, 0], cache
 
 
-HEAD_KINDS: dict[str, Callable[[ModelConfig], HeadKind]] = {
-    "transformer": TransformerHeads, "linear": LinearHeads, "causal": ChainedHeads, "anticausal": AnticausalHeads,
-    "sequential": SequentialHeads, "replicated": ReplicatedHeads,
-}
+def make_heads(cfg: ModelConfig) -> HeadKind:
+    """The implementation of `cfg.head_type`, as the registry names it."""
+    spec = head_kind(cfg.head_type)
+    return globals()[spec.impl](cfg, spec)
 
 
-def processing_order(kind: HeadKind, n: int) -> list[int]:
-    """The order heads run in: chained kinds feed each head's output to the next one processed."""
-    return list(range(n))[::-1] if getattr(kind, "reverse", False) else list(range(n))
+def head_slice(tree: Any, index: int | slice | jax.Array) -> Any:
+    """Entries `index` (a head, a range or an index array) of every leaf's leading head axis: head
+    parameters or caches out of the stacked trees, or the heads put in another order."""
+    return jax.tree.map(lambda x: x[index], tree)
 
 
-def head_slice(heads_params: dict, i: int | jax.Array) -> dict:
-    """Head i's parameters out of the stacked tree."""
-    return jax.tree.map(lambda x: x[i], heads_params)
+def scan_heads(kind: HeadKind, heads_params: dict, z_BTD: jax.Array, step: Callable, xs: Any = None,
+               head_order: bool = True) -> Any:
+    """Runs `step(prev_BTD, params_i, i, x_i) -> (h_BTD, y_i)` over the heads as a lax.scan in the
+    kind's processing order; a chained kind's head gets the output of the one before it as
+    `prev_BTD` (z for the first), independent kinds get z. `xs` (stacked on the head axis, e.g.
+    caches) is handed out per head. Returns the stacked y_i in head order (or processing order)."""
+    order = jnp.asarray(processing_order(kind.spec, jax.tree.leaves(heads_params)[0].shape[0]))
+
+    def body(prev_BTD, args):
+        hp, i, x = args
+        h_BTD, y = step(prev_BTD, hp, i, x)
+        return (h_BTD if kind.chained else prev_BTD), y
+
+    _, ys = jax.lax.scan(body, z_BTD, (head_slice(heads_params, order), order, head_slice(xs, order)))
+    return head_slice(ys, jnp.argsort(order)) if head_order else ys

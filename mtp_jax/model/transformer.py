@@ -16,7 +16,7 @@ from flax import nnx
 
 from mtp_jax import platforms
 from mtp_jax.config import ModelConfig
-from mtp_jax.model.heads import HEAD_KINDS, head_slice, processing_order, stacked
+from mtp_jax.model.heads import head_slice, make_heads, scan_heads, stacked
 from mtp_jax.model.layers import Block, KVCache, RMSNorm, param
 from mtp_jax.sharding import constrain
 
@@ -40,7 +40,7 @@ class MTPModel(nnx.Module):
         d, v = cfg.d_model, cfg.vocab_size
         self.embed = nnx.Dict(embedding=param(rngs, (v, d), ("vocab", "embed"), cfg.init_std))
         self.trunk = stacked(lambda r: Block(cfg, r), cfg.trunk_layers, "layers", rngs)
-        kind = HEAD_KINDS[cfg.head_type](cfg)
+        kind = make_heads(cfg)
         self.heads = kind.create(rngs)
         self.norm = RMSNorm(d, cfg.norm_eps, rngs)
         if not (cfg.tie_embeddings or kind.own_unembedding):
@@ -65,7 +65,7 @@ class MTP:
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
         self.cfg = cfg
-        self.head_kind = HEAD_KINDS[cfg.head_type](cfg)
+        self.head_kind = make_heads(cfg)
         self.block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
         self.norm_def = nnx.graphdef(nnx.eval_shape(lambda: RMSNorm(cfg.d_model, cfg.norm_eps, nnx.Rngs(0))))
         self.dtype = jnp.dtype(compute_dtype(cfg.dtype))
@@ -152,19 +152,12 @@ class MTP:
         """Every head's hidden state (N, B, T, D) in head order, and their caches: a lax.scan in the
         kind's processing order that hands chained kinds the previous head's output and sequential
         kinds `feed(i, prev_BTD)`, the embedding of the token head i reads."""
-        order = jnp.asarray(processing_order(self.head_kind, jax.tree.leaves(heads_params)[0].shape[0]))
-        permute = lambda tree, idx: jax.tree.map(lambda x: x[idx], tree)
-        chained = self.head_kind.chained
-
-        def body(prev_BTD, xs):
-            hp, c, i = xs
+        def step(prev_BTD, hp, i, c):
             feed_BTD = None if feed is None else feed(i, prev_BTD)
-            h_BTD, c = self.head(hp, z_BTD, positions_BT, segments_BT, c, prev_BTD if chained else None, feed_BTD)
-            return (h_BTD if chained else prev_BTD), (h_BTD, c)
+            h_BTD, c = self.head(hp, z_BTD, positions_BT, segments_BT, c, prev_BTD, feed_BTD)
+            return h_BTD, (h_BTD, c)
 
-        _, (h_NBTD, cache) = jax.lax.scan(body, z_BTD, (permute(heads_params, order), permute(cache, order), order))
-        back = jnp.argsort(order)
-        return permute(h_NBTD, back), permute(cache, back)
+        return scan_heads(self.head_kind, heads_params, z_BTD, step, cache)
 
     def token_feed(self, shared: Params, tokens_BT: jax.Array, teacher_NBT: jax.Array | None = None) -> Feed | None:
         """What a sequential head i (0-based) reads besides head i-1's output: Emb(x_{t+i}), the token
@@ -211,7 +204,7 @@ class MTP:
             hn_NBTD = self.final_norm(shared, h_NBTD)
             w_DV = shared["unembed"].astype(hn_NBTD.dtype)
             return jnp.einsum("nbtd,dv->nbtv", hn_NBTD, w_DV, preferred_element_type=jnp.float32)
-        heads = jax.tree.map(lambda x: x[first : first + h_NBTD.shape[0]], params["heads"])
+        heads = head_slice(params["heads"], slice(first, first + h_NBTD.shape[0]))
         return jax.vmap(lambda hp, h_BTD: self.logits(shared, h_BTD, hp))(heads, h_NBTD)
 
     def final_norm(self, shared: Params, h_BTD: jax.Array) -> jax.Array:
