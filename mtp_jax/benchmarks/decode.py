@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.config import ModelConfig
+from mtp_jax.data.tokenizer import document_start
 from mtp_jax.decode.acceptance import repeated_ngram_fraction, replay
 from mtp_jax.decode.generate import generate, logits
 from mtp_jax.decode.passes import forward_step, verify_pass
@@ -62,7 +63,10 @@ def held_out_prompts(cfg: Any, tokenizer: Any, run_dir: Path, prompt_len: int, c
     except (ImportError, OSError) as err:
         print(f"held-out data unavailable ({type(err).__name__}: {err}); using random prompts", file=sys.stderr)
         ids = np.setdiff1d(np.arange(min(cfg.model.vocab_size, 256)), [tokenizer.eot_id])
-        return np.random.default_rng(0).choice(ids, (count, prompt_len)).astype(np.int32), "random"
+        prompts = np.random.default_rng(0).choice(ids, (count, prompt_len)).astype(np.int32)
+        start = document_start(tokenizer)  # a document opens as in training
+        prompts[:, : len(start)] = start
+        return prompts, "random"
 
 
 def random_params(mtp: MTP, seed: int) -> dict:
