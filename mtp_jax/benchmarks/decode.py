@@ -86,7 +86,8 @@ def jitted_forward(mtp: MTP) -> Callable:
 def acceptance(mtp: MTP, params: Any, prompts: np.ndarray, results: list, k: int) -> dict:
     """Tokens per pass and per-head acceptance of batch-1 greedy results, and their repetition."""
     sequences = np.stack([r.tokens[0] for r in results])
-    drafts_NBTV = jitted_forward(mtp)(params, sequences)[1:k]
+    known_B = np.full(len(sequences), prompts.shape[1], np.int32)  # sequential heads read the prompt's tokens
+    drafts_NBTV = jitted_forward(mtp)(params, sequences, None, None, known_B)[1:k]
     drafts_BTJ = np.asarray(jnp.argmax(drafts_NBTV, axis=-1)).transpose(1, 2, 0)
     attempts, accepted, passes = np.zeros(k - 1), np.zeros(k - 1), 0
     for seq, drafts_TJ in zip(sequences, drafts_BTJ):
