@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mtp_jax.cli import eval_main
-from mtp_jax.data.tokenizer import ByteTokenizer
+from mtp_jax.data.tokenizer import ByteTokenizer, encode_prompt
 from mtp_jax.evals.code import benchmarks
 from mtp_jax.evals.code.cli import ModelDecoder
 from mtp_jax.evals.code.evaluate import Settings, evaluate, read_samples, samples_path
@@ -32,7 +32,9 @@ class ScriptedDecoder:
     through the tokenizer, up to max_new_tokens; counts the prompts it was asked for."""
 
     def __init__(self, tokenizer, text_for_prompt: dict[str, str], fail_after_calls: int | None = None):
-        self.tokenizer, self.text_for_prompt, self.fail_after_calls = tokenizer, text_for_prompt, fail_after_calls
+        # Keyed by the prompt's ids as the tokenizer's document convention lays them out: any other ids miss.
+        self.text_for_ids = {tuple(encode_prompt(tokenizer, p)): t for p, t in text_for_prompt.items()}
+        self.tokenizer, self.fail_after_calls = tokenizer, fail_after_calls
         self.prompts_seen = 0
         self.calls = 0
 
@@ -41,7 +43,7 @@ class ScriptedDecoder:
             raise KeyboardInterrupt("simulated kill")
         self.calls += 1
         self.prompts_seen += len(prompts)
-        texts = [self.text_for_prompt[self.tokenizer.decode(p[1:])] for p in prompts]
+        texts = [self.text_for_ids[tuple(p)] for p in prompts]
         return [self.tokenizer.encode(t)[:max_new_tokens] + [stop_tokens[0]] for t in texts]
 
 

@@ -183,6 +183,7 @@ def test_side_file_missing_a_head_tensor_is_named(tmp_path, capsys):
 def test_mtp_train_fine_tunes_a_converted_run(tmp_path):
     """mtp-train on a converted run starts from its weights (fresh optimizer) and checkpoints on."""
     from mtp_jax.config import load_config
+    from mtp_jax.data.pipeline import split_windows
     from mtp_jax.train import train
 
     run = tmp_path / "run"
@@ -194,7 +195,34 @@ def test_mtp_train_fine_tunes_a_converted_run(tmp_path):
                  "optim.lr=1e-5", "optim.warmup_steps=0"]
     result = train(load_config(run / "config.yaml", overrides))
     assert np.isfinite(result["loss"])
-    cfg, _, _, params = load_run(run)
+    cfg, tokenizer, _, params = load_run(run)
     after = _leaves(params)
     assert max(float(np.abs(after[k] - before[k]).max()) for k in before) < 1e-3  # lr 1e-5 x 4 steps
     assert any(not np.array_equal(after[k], before[k]) for k in before)
+    # Its documents are packed Llama's way: <s> opens each (right after the previous </s>) and starts its segment.
+    windows = split_windows(cfg, tokenizer, run, "train")
+    rows = windows.rows(np.arange(len(windows)))
+    tokens, segments = rows["tokens"], rows["segment_ids"]
+    opens = (tokens[:, 1:] == tokenizer.bos_id) & (segments[:, 1:] > 0)
+    assert opens.any() and np.array_equal(opens, (tokens[:, :-1] == tokenizer.eot_id) & (segments[:, 1:] > 0))
+    assert np.all(np.diff(segments, axis=1)[opens] == 1) and np.all(np.diff(segments, axis=1)[~opens & (segments[:, 1:] > 0)] == 0)
+
+
+def test_converted_meta_model_sees_bos_first_and_matches_the_reference(runs):
+    """Llama's document convention: a prompt opens with <s>. The converted model's logits for that
+    prompt equal Meta's forward (a NumPy port, itself checked against the torch reference.npz)."""
+    import sentencepiece
+
+    from mtp_jax.data.tokenizer import encode_prompt
+    from tests.fixtures.meta_reference import meta_forward
+
+    sd = {k: np.asarray(v, np.float32) for k, v in load_torch_file(FIX / "meta_tiny" / "consolidated.00.pth").items()}
+    args = json.loads((FIX / "meta_tiny" / "params.json").read_text())
+    ref = np.load(FIX / "meta_tiny" / "reference.npz")
+    np.testing.assert_allclose(meta_forward(sd, args, ref["tokens"]), ref["logits"], atol=1e-4, rtol=0)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(FIX / "meta_tiny" / "tokenizer.model"))
+    tokenizer = load_run(runs / "meta")[1]
+    prompt = encode_prompt(tokenizer, "def add(a, b):\n    return")
+    assert prompt == [sp.bos_id(), *sp.encode("def add(a, b):\n    return")] and sp.bos_id() >= 0
+    want = meta_forward(sd, args, np.array([prompt]))
+    np.testing.assert_allclose(run_logits(str(runs / "meta"), np.array([prompt])), want, atol=1e-4, rtol=0)

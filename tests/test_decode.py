@@ -22,7 +22,7 @@ import optax
 import pytest
 
 from mtp_jax.config import ConfigError, to_yaml
-from mtp_jax.data.pipeline import pack
+from mtp_jax.data.build import pack
 from mtp_jax.decode import Sampling, generate, speculative_generate
 from mtp_jax.decode.acceptance import replay
 from mtp_jax.decode.cli import main as cli_main
@@ -418,7 +418,7 @@ def test_speculative_sampling_is_exact_and_reproducible(mtp, models):
 class Letters:
     """A 16-token tokenizer for the tiny model: 0 is EOT, 1..15 are letters."""
 
-    vocab_size, eot_id = V, 0
+    vocab_size, eot_id, bos_id = V, 0, None
 
     def encode(self, text: str) -> list[int]:
         return [1 + ord(c) % 15 for c in text]
@@ -487,7 +487,7 @@ def test_decoding_sees_the_contexts_training_sees(run_dir, cfg, mtp, models, cap
     assert cli_main([str(run_dir), "--prompt", "abcde", "--max-new-tokens", "2"]) == 0
     prompt = Letters().encode("abcde")
     assert seen == [[prompt]]
-    tokens, starts = pack([np.array([3, 4, 5, 6]), np.array(prompt)], Letters.eot_id)
+    tokens, starts = pack([np.array([3, 4, 5, 6]), np.array(prompt)], Letters())
     segments = np.searchsorted(starts, np.arange(len(tokens)), side="right")
     train_V = jax.jit(mtp.forward)(params, tokens[None], None, segments[None])[0, 0, starts[1] + len(prompt) - 1]
     logits_BNV, _ = prefill(mtp, params, np.array([prompt]), np.array([len(prompt)]), slots=len(prompt) + 2 + N)

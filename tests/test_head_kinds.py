@@ -219,3 +219,44 @@ def test_both_verify_passes_match_the_uncached_forward(kind, reduced):
     want = np.asarray(mtp.forward(params, tokens))  # (N, B, T, V)
     np.testing.assert_allclose(first, want[0], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(drafts, want[1:N - 1, [0, 1], np.asarray(index)].swapaxes(0, 1), rtol=2e-5, atol=2e-5)
+
+
+def _reference_sequential_drafts(mtp: MTP, params, prompt: list[int]) -> np.ndarray:
+    """Every head's logits (N, V) at a prompt's last token, from the equations with no cache: h_0 = z;
+    head i (1-based) at t reads E[x_{t+i-1}] where t+i-1 is inside the prompt (the true token,
+    known), else the argmax of head i-1's logits at t (not known yet)."""
+    tokens = jnp.asarray([prompt], jnp.int32)
+    p, eps, hp = len(prompt), mtp.cfg.norm_eps, params["heads"]
+    pos = jnp.arange(p)[None]
+    z, _ = mtp.trunk(params, tokens, pos, None)
+    block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(mtp.cfg, nnx.Rngs(0))))
+    unembed = lambda h: _rms(h, params["norm"]["scale"], eps) @ params["unembed"]["kernel"]
+    h, out = z, []
+    for i in range(1, N + 1):
+        guess = np.asarray(jnp.argmax(unembed(h), -1))[0] if i > 1 else np.zeros(p, np.int64)
+        fed = [prompt[t + i - 1] if t + i - 1 < p else int(guess[t]) for t in range(p)]
+        emb = params["embed"]["embedding"][jnp.asarray([fed])]
+        x = jnp.concatenate([_rms(h, hp["hidden_norm"]["scale"][i - 1], eps),
+                             _rms(emb, hp["embed_norm"]["scale"][i - 1], eps)], -1) @ hp["proj"][i - 1]
+        h, _ = nnx.merge(block_def, jax.tree.map(lambda w: w[i - 1], hp["block"]))(x, pos, None)
+        out.append(np.asarray(unembed(h))[0, -1])
+    return np.stack(out)
+
+
+def test_sequential_decoding_feeds_the_prompts_true_tokens():
+    """The prefill's drafts (heads 2..n at the last prompt token) read, through each head's cache,
+    entries computed from the prompt's own tokens (training's input), not from guesses; prompts of
+    different lengths in one padded batch. The simple forward feeds the same given known_B."""
+    from mtp_jax.decode.passes import prefill
+
+    mtp = _mtp("sequential")
+    params = _params(mtp, seed=5)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13]]
+    padded = np.array([q + [0] * (8 - len(q)) for q in prompts], np.int32)
+    lengths = np.array([len(q) for q in prompts], np.int32)
+    got, _ = prefill(mtp, params, padded, lengths, slots=16)
+    forward = mtp.forward(params, padded, known_B=lengths)
+    for b, q in enumerate(prompts):
+        want = _reference_sequential_drafts(mtp, params, q)
+        np.testing.assert_allclose(np.asarray(got[b]), want, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(forward[:, b, len(q) - 1]), want, atol=1e-4)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mtp_jax.config import ConfigError, load_config
-from mtp_jax.data import pipeline, prepare, sources, store
+from mtp_jax.data import build, pipeline, prepare, sources, store
 from mtp_jax.data.tokenizer import train_bpe
 
 T, N, B = 16, 3, 4
@@ -70,7 +70,7 @@ def test_lazy_windows_equal_the_packer_reference(tmp_path: Path, corpus: Path):
     tok = pipeline.build_tokenizer(cfg.data, tmp_path / "run")
     text = sources.read_corpus(load_config(yaml).data)
     for split in sources.SPLITS:
-        stream, starts = pipeline.pack(tok.encode_batch(text.texts(split)), tok.eot_id)
+        stream, starts = build.pack(tok.encode_batch(text.texts(split)), tok)
         got = rows(cfg, tmp_path / "run", split)
         count = len(got["tokens"]) - 2
         assert count == -(-(len(stream) - 1) // T)

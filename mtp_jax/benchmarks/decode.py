@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.config import ModelConfig
+from mtp_jax.data.tokenizer import document_start
 from mtp_jax.decode.acceptance import repeated_ngram_fraction, replay
 from mtp_jax.decode.generate import generate, logits
 from mtp_jax.decode.passes import forward_step, verify_pass
@@ -62,7 +63,10 @@ def held_out_prompts(cfg: Any, tokenizer: Any, run_dir: Path, prompt_len: int, c
     except (ImportError, OSError) as err:
         print(f"held-out data unavailable ({type(err).__name__}: {err}); using random prompts", file=sys.stderr)
         ids = np.setdiff1d(np.arange(min(cfg.model.vocab_size, 256)), [tokenizer.eot_id])
-        return np.random.default_rng(0).choice(ids, (count, prompt_len)).astype(np.int32), "random"
+        prompts = np.random.default_rng(0).choice(ids, (count, prompt_len)).astype(np.int32)
+        start = document_start(tokenizer)  # a document opens as in training
+        prompts[:, : len(start)] = start
+        return prompts, "random"
 
 
 def random_params(mtp: MTP, seed: int) -> dict:
@@ -82,7 +86,8 @@ def jitted_forward(mtp: MTP) -> Callable:
 def acceptance(mtp: MTP, params: Any, prompts: np.ndarray, results: list, k: int) -> dict:
     """Tokens per pass and per-head acceptance of batch-1 greedy results, and their repetition."""
     sequences = np.stack([r.tokens[0] for r in results])
-    drafts_NBTV = jitted_forward(mtp)(params, sequences)[1:k]
+    known_B = np.full(len(sequences), prompts.shape[1], np.int32)  # sequential heads read the prompt's tokens
+    drafts_NBTV = jitted_forward(mtp)(params, sequences, None, None, known_B)[1:k]
     drafts_BTJ = np.asarray(jnp.argmax(drafts_NBTV, axis=-1)).transpose(1, 2, 0)
     attempts, accepted, passes = np.zeros(k - 1), np.zeros(k - 1), 0
     for seq, drafts_TJ in zip(sequences, drafts_BTJ):

@@ -147,12 +147,15 @@ def hf_model_config(hf: dict, heads: int) -> ModelConfig:
 
 
 def _hf_tokenizer(src: Path) -> PretrainedTokenizer:
+    """tokenizer.json with tokenizer_config.json's end and start tokens (no start token where
+    add_bos_token is false: such a model's documents start bare)."""
     if (src / "tokenizer.json").is_file():
-        eos = None
+        config = {}
         if (src / "tokenizer_config.json").is_file():
-            eos = json.loads((src / "tokenizer_config.json").read_text()).get("eos_token")
-            eos = eos.get("content") if isinstance(eos, dict) else eos
-        return PretrainedTokenizer(src / "tokenizer.json", eos)
+            config = json.loads((src / "tokenizer_config.json").read_text())
+        token = lambda key: (lambda t: t.get("content") if isinstance(t, dict) else t)(config.get(key))
+        bos = token("bos_token") if config.get("add_bos_token", True) else None
+        return PretrainedTokenizer(src / "tokenizer.json", token("eos_token"), bos)
     if (src / SPM_FILE).is_file():
         return PretrainedTokenizer(src / SPM_FILE)
     raise UserError(f"'{src}' holds no tokenizer.json or {SPM_FILE}")

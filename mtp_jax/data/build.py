@@ -26,7 +26,7 @@ import numpy as np
 from mtp_jax.config import DataConfig
 from mtp_jax.data import sources, store
 from mtp_jax.data.sources import SPLITS
-from mtp_jax.data.tokenizer import Tokenizer, capped, load_tokenizer, train_bpe
+from mtp_jax.data.tokenizer import Tokenizer, capped, document_start, load_tokenizer, train_bpe
 from mtp_jax.errors import UserError
 from mtp_jax.hooks import pause_point
 
@@ -112,18 +112,27 @@ def _encode_in_worker(batch: list[sources.Cut], val_fraction: float) -> dict:
     return encode(batch, val_fraction, _worker_tokenizer)
 
 
+def pack(documents: list[np.ndarray], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, starts): each document as the tokenizer's convention lays it out ([BOS] + ids +
+    EOT), and where each starts. A document ends at its EOT, so segment ids follow from the EOTs."""
+    start = np.array(document_start(tokenizer), np.int32)
+    eot = np.array([tokenizer.eot_id], np.int32)
+    tokens = np.concatenate([part for doc in documents for part in (start, doc, eot)]) if documents else eot[:0]
+    lengths = np.array([len(start) + len(doc) + 1 for doc in documents], np.int64)
+    return tokens.astype(np.int32), np.cumsum(lengths) - lengths
+
+
 def encode(batch: list[sources.Cut], val_fraction: float, tokenizer: Tokenizer) -> dict:
-    """Per split: the packed tokens (each document + EOT), document lengths, bytes and token
+    """Per split: the packed tokens (`pack`), document lengths, bytes and token
     counts; plus the document records and the invalid-UTF-8 count."""
     docs = [sources.make_document(c, val_fraction) for c in batch]
     dtype = store.token_dtype(tokenizer.vocab_size)
     out: dict[str, Any] = {"records": [{"name": d.name, "bytes": d.nbytes, "split": d.split} for d in docs],
                            "invalid_utf8": sum(not d.valid_utf8 for d in docs)}
-    eot = np.array([tokenizer.eot_id], np.int32)
     for split in SPLITS:
         ids = tokenizer.encode_batch([d.text for d in docs if d.split == split])
-        tokens = np.concatenate([part for doc in ids for part in (doc, eot)]) if ids else eot[:0]
-        lengths = np.array([len(doc) + 1 for doc in ids], np.int64)
+        tokens, starts = pack(ids, tokenizer)
+        lengths = np.diff(np.append(starts, len(tokens)))
         assert np.count_nonzero(tokens == tokenizer.eot_id) == len(ids), "EOT inside a document breaks segment ids"
         out[split] = {"tokens": tokens.astype(dtype), "lengths": lengths,
                       "bytes": sum(d.nbytes for d in docs if d.split == split),

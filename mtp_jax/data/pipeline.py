@@ -41,7 +41,7 @@ from mtp_jax.data.tokenizer import META_FILE, ByteTokenizer, Tokenizer, expected
 
 Batch = dict[str, np.ndarray]
 CACHE_DIR = "data_cache"
-CACHE_VERSION = 2  # 2: the token store (1 held .npy streams; such folders are ignored and may be deleted)
+CACHE_VERSION = 3  # 3: documents open with the tokenizer's start token; 2: the token store (older folders are ignored and may be deleted)
 ON_THE_FLY_MAX_BYTES = 2 << 30  # input bytes an on-the-fly source may have; beyond, use mtp-prepare
 MANIFEST_FILE = store.MANIFEST_FILE
 
@@ -88,14 +88,6 @@ def require_split(split: str, tokens: int, data_cfg: DataConfig) -> None:
     fix = "raise data.val_fraction" if split == "val" else "lower data.val_fraction"
     raise ConfigError(f"the {split} split is empty with data.val_fraction={data_cfg.val_fraction} "
                       f"(data.max_bytes={data_cfg.max_bytes}); {fix} or add documents")
-
-
-def pack(documents: list[np.ndarray], eot_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, starts): the documents each followed by EOT, and where each document starts."""
-    eot = np.array([eot_id], np.int32)
-    tokens = np.concatenate([part for doc in documents for part in (doc, eot)]) if documents else eot[:0]
-    lengths = np.array([len(doc) + 1 for doc in documents], np.int64)
-    return tokens.astype(np.int32), np.cumsum(lengths) - lengths
 
 
 def _cache_folder(data_cfg: DataConfig, tokenizer: Tokenizer, run_dir: Path) -> Path:

@@ -3,12 +3,19 @@ model's own (SentencePiece `tokenizer.model`, Hugging Face `tokenizer.json`) bro
 
 A run saves its tokenizer in `RUN_DIR/tokenizer/` so that evaluation and decoding turn ids back
 into exactly the text the model was trained on. `tokenizer.json` there names the kind.
+
+Each kind has one document convention, used by packing, prompts and evaluation alike: a document
+is [start token] + its ids + end token. Bytes and BPE have no start token (a document's first
+token follows the previous document's end-of-text token and attends to nothing before it); a
+pretrained tokenizer with a beginning-of-sequence token (Llama's `<s>`) opens every document with
+it, as the model was trained and as Meta's generation code encodes prompts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
@@ -28,7 +35,8 @@ class Tokenizer(Protocol):
     """What the pipeline, the trainer and decoding need from a tokenizer."""
 
     vocab_size: int
-    eot_id: int
+    eot_id: int  # ends every document
+    bos_id: int | None  # opens every document (Llama's <s>); None: documents start bare
     name: str  # "bytes" or "bpe-<requested vocab size>": what the config asked for
     fingerprint: str  # changes with the vocabulary or merges: tells two bpe-32768 apart
 
@@ -54,6 +62,7 @@ class ByteTokenizer:
 
     vocab_size = 257
     eot_id = 256
+    bos_id = None
     name = fingerprint = "bytes"
 
     def encode(self, text: str) -> list[int]:
@@ -71,6 +80,8 @@ class ByteTokenizer:
 
 class BPETokenizer:
     """Byte-level BPE (GPT-2 style) wrapping a Hugging Face `tokenizers.Tokenizer`."""
+
+    bos_id = None
 
     def __init__(self, hf_tokenizer: Any, name: str):
         # The literal text "<|endoftext|>" inside a document stays text; only packing inserts EOT.
@@ -103,17 +114,19 @@ class BPETokenizer:
 
 class PretrainedTokenizer:
     """A converted checkpoint's tokenizer file, kept byte for byte: SentencePiece's `tokenizer.model`
-    (Meta's Llama format) or Hugging Face's `tokenizer.json`. End of document is the model's EOS."""
+    (Meta's Llama format) or Hugging Face's `tokenizer.json`. End of document is the model's EOS,
+    start the model's BOS where it has one (SentencePiece's own; `bos_token` for tokenizer.json)."""
 
     name = "pretrained"
 
-    def __init__(self, path: str | Path, eos_token: str | None = None):
+    def __init__(self, path: str | Path, eos_token: str | None = None, bos_token: str | None = None):
         self.path = Path(path)
         if self.path.suffix == ".model":
             import sentencepiece
 
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
             self.vocab_size, self.eot_id = self._sp.get_piece_size(), self._sp.eos_id()
+            self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
             self._encode = lambda texts: self._sp.encode(list(texts))
             self._decode = lambda ids: self._sp.decode(ids)
         else:
@@ -124,9 +137,13 @@ class PretrainedTokenizer:
             if self.eot_id is None:
                 raise ConfigError(f"tokenizer '{self.path}' has no end-of-text token {eos_token or '</s>'!r}; "
                                   "give its eos_token in tokenizer_config.json")
+            self.bos_id = None if bos_token is None else hf.token_to_id(bos_token)
+            if bos_token is not None and self.bos_id is None:
+                raise ConfigError(f"tokenizer '{self.path}' has no beginning-of-text token {bos_token!r} "
+                                  "(tokenizer_config.json's bos_token)")
             self._encode = lambda texts: [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=False)]
             self._decode = lambda ids: hf.decode(ids, skip_special_tokens=True)
-        self.eos_token = eos_token
+        self.eos_token, self.bos_token = eos_token, bos_token
         self.fingerprint = hashlib.sha1(self.path.read_bytes()).hexdigest()[:16]  # the file byte for byte
 
     def encode(self, text: str) -> list[int]:
@@ -141,7 +158,8 @@ class PretrainedTokenizer:
     def save(self, directory: str | Path) -> None:
         # Not under its own name: a Hugging Face tokenizer.json would overwrite our META_FILE.
         file = "pretrained" + self.path.suffix
-        path = _write_meta(directory, {"kind": "pretrained", "name": self.name, "file": file, "eos_token": self.eos_token})
+        path = _write_meta(directory, {"kind": "pretrained", "name": self.name, "file": file,
+                                         "eos_token": self.eos_token, "bos_token": self.bos_token})
         if (path / file).resolve() != self.path.resolve():
             shutil.copyfile(self.path, path / file)
 
@@ -150,8 +168,33 @@ class PretrainedTokenizer:
         spm = self.path.suffix == ".model"
         shutil.copyfile(self.path, directory / (SPM_FILE if spm else "tokenizer.json"))
         config = {"tokenizer_class": "LlamaTokenizer", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"} \
-            if spm else {"eos_token": self.eos_token}
+            if spm else {"eos_token": self.eos_token, "bos_token": self.bos_token}
         (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def document_start(tokenizer: Tokenizer) -> list[int]:
+    """The ids that open every document: [BOS] where the tokenizer has one, else none."""
+    return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt as the start of a document, as packing lays documents out for training."""
+    return document_start(tokenizer) + tokenizer.encode(text)
+
+
+def completion_text(tokenizer: Tokenizer, prompt: Sequence[int], completion: Iterable[int]) -> str:
+    """The text that follows the prompt, cut at the first end-of-document token.
+
+    Decoding the completion alone is wrong for SentencePiece (a sequence's first piece loses the
+    space of its dummy prefix: an indented line comes out one space short) and for multi-byte
+    characters split at the boundary, so prompt + completion are decoded together and the prompt's
+    own text taken off the front; where a decoder rewrites text across the boundary, what the two
+    decodings share is taken off."""
+    ids = list(completion)
+    ids = ids[: ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids
+    head, full = tokenizer.decode(prompt), tokenizer.decode([*prompt, *ids])
+    shared = len(head) if full.startswith(head) else len(os.path.commonprefix([head, full]))
+    return full[shared:]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, max_chars: int = BPE_TRAIN_CHARS) -> BPETokenizer:
@@ -201,5 +244,5 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 
         return BPETokenizer(HFTokenizer.from_file(str(path / BPE_FILE)), meta["name"])
     if meta.get("kind") == "pretrained":
-        return PretrainedTokenizer(path / meta["file"], meta.get("eos_token"))
+        return PretrainedTokenizer(path / meta["file"], meta.get("eos_token"), meta.get("bos_token"))
     raise ConfigError(f"'{meta_path}' names an unknown tokenizer kind {meta.get('kind')!r}; expected bytes, bpe or pretrained")

@@ -1,9 +1,11 @@
 """`mtp-generate RUN_DIR --prompt TEXT`: a completion from a trained run, plus decoding statistics.
 
-The prompt is the start of a document, fed as is: in training a document's first token attends
-to nothing before it (the end-of-text token closes the previous document and is never attended
-across), so no end-of-text token goes in front. With no --prompt, documents start with
-DEFAULT_PROMPT, how most Python modules begin; a prompt must encode to at least one token.
+The prompt is the start of a document, laid out as training laid documents out: the tokenizer's
+start token first where it has one (Llama's <s>), else nothing (a document's first token attends
+to nothing before it: the end-of-text token closes the previous document and is never attended
+across). With no --prompt, documents start with DEFAULT_PROMPT, how most Python modules begin; a
+prompt must encode to at least one token. The completion printed is exactly the text that follows
+the prompt (`completion_text`).
 
 Flags are checked before anything loads, and `--speculative K` against the run's head count
 before the checkpoint is restored, so every mistake is one `error: ...` line and exit code 2.
@@ -92,6 +94,7 @@ def _memory_bytes() -> int:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     _check(args)
+    from mtp_jax.data.tokenizer import completion_text, document_start, encode_prompt
     from mtp_jax.decode.generate import Sampling, generate
     from mtp_jax.decode.speculative import speculative_generate
     from mtp_jax.run import load_run, read_config
@@ -101,17 +104,16 @@ def main(argv: list[str]) -> int:
     if args.speculative > heads:
         raise ConfigError(f"--speculative {args.speculative} exceeds the run's {heads} heads; use 1..{heads}")
     _, tokenizer, mtp, params = load_run(args.run_dir)
-    prompt = tokenizer.encode(args.prompt)  # a document start, as in training: nothing before it
-    if not prompt:
+    prompt = encode_prompt(tokenizer, args.prompt)  # a document start, as in training
+    if len(prompt) == len(document_start(tokenizer)):
         raise ConfigError(f"--prompt {args.prompt!r} encodes to no tokens; give the start of a document, "
                           f"e.g. --prompt '{DEFAULT_PROMPT}'")
     check_budget(cfg, len(prompt), args.max_new_tokens, _memory_bytes())  # before decoding allocates anything
     decode = functools.partial(speculative_generate, k=args.speculative) if args.speculative else generate
     result = decode(mtp, params, [prompt], max_new_tokens=args.max_new_tokens, seed=args.seed,
                     sampling=Sampling(args.temperature, args.top_k, args.top_p), stop_tokens=[tokenizer.eot_id])
-    completion = [t for t in result.completions()[0] if t != tokenizer.eot_id]
     s = result.stats
-    print(tokenizer.decode(completion))
+    print(completion_text(tokenizer, prompt, result.completions()[0]))
     print(f"[{s.tokens_generated} tokens, {s.forward_passes} forward passes, {s.tokens_per_forward:.2f} tokens/pass, "
           f"{s.tokens_per_s:.1f} tokens/s, compile {s.compile_s:.1f}s]")
     return 0

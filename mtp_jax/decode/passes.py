@@ -50,17 +50,20 @@ def _set_heads(cache: Cache, lo: int, new: KVCache | None) -> Cache:
 
 
 def forward_step(
-    mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.Array, positions_BT: jax.Array, heads: int
+    mtp: MTP, params: Params, cache: Cache, tokens_BT: jax.Array, positions_BT: jax.Array, heads: int,
+    known_B: jax.Array | None = None,
 ) -> tuple[jax.Array, Cache]:
     """Hidden states (heads, B, T, D) of heads 1..`heads` at every fed position, writing their
     caches there: the full pass (plain decoding uses heads=1; chained kinds verify with it, and an
     anticausal kind runs every head, since head 1 reads the others). Heads are a lax.scan
-    (`MTP.heads_hidden`), so compile time does not grow with k.
+    (`MTP.heads_hidden`), so compile time does not grow with k. Sequential kinds read the true
+    token where it is known: the first known_B fed tokens (the prefill's prompt; a verify pass
+    knows only its first fed token, the rest are drafts).
     """
     z_BTD, trunk_cache = mtp.trunk(params, tokens_BT, positions_BT, None, cache["trunk"])
     run = mtp.cfg.mtp_heads if mtp.head_kind.reverse else heads  # anticausal: head 1 reads all
     first = lambda tree: _heads_slice(tree, 0, run)
-    feed = mtp.token_feed(mtp.shared(params), tokens_BT)  # sequential kinds: the fed token, then argmaxes
+    feed = mtp.token_feed(mtp.shared(params), tokens_BT, known_B=known_B)  # sequential kinds
     h_NBTD, head_cache = mtp.heads_hidden(first(params["heads"]), z_BTD, positions_BT, None, first(cache["heads"]),
                                           feed)
     return h_NBTD[:heads], _set_heads({"trunk": trunk_cache, "heads": cache["heads"]}, 0, head_cache)
@@ -145,7 +148,8 @@ def prefill(mtp: MTP, params: Params, prompt_BP: jax.Array, prompt_len_B: jax.Ar
     positions_BP = jnp.broadcast_to(jnp.arange(p), (b, p))
     last_B = prompt_len_B - 1
     if mtp.head_kind.chained:
-        h_NBPD, cache = forward_step(mtp, params, mtp.init_cache(b, slots), prompt_BP, positions_BP, mtp.cfg.mtp_heads)
+        h_NBPD, cache = forward_step(mtp, params, mtp.init_cache(b, slots), prompt_BP, positions_BP, mtp.cfg.mtp_heads,
+                                     prompt_len_B)
         return logits(mtp, params, at_index(h_NBPD, last_B).swapaxes(0, 1)), cache
     z_BPD, h_BPD, cache = trunk_and_first_head(mtp, params, mtp.init_cache(b, slots), prompt_BP, positions_BP)
     first_B1V = logits(mtp, params, at_index(h_BPD[None], last_B)[0][:, None])

@@ -26,20 +26,29 @@ def document_starts(cfg: Any, tokenizer: Any, run_dir: str | Path, length: int, 
     return np.stack(stream.read_many([(s, s + length) for s in starts])).astype(np.int32)
 
 
+SAMPLE_SAMPLING = (0.8, 0.95)  # (temperature, top-p) of the sampled completion: the paper's code-eval settings
+
+
 def print_sample_completion(cfg: Any, tokenizer: Any, run_dir: str | Path, params: Any,
-                            prompt_len: int = 24, new_tokens: int = 48) -> list[int]:
-    """Prints head 1's greedy completion of the first held-out document start (the end of
-    training shows what the model learned in words, not only in nats); returns it, or nothing
+                            prompt_len: int = 24, new_tokens: int = 48, seed: int = 0) -> list[int]:
+    """Prints head 1's greedy completion of the first held-out document start and one sampled
+    completion beside it (the end of training shows what the model learned in words, not only
+    in nats), each the exact text that follows the prompt; returns the greedy ids, or nothing
     when no held-out document is that long (tiny corpora)."""
-    from mtp_jax.decode.generate import generate
+    from mtp_jax.data.tokenizer import completion_text
+    from mtp_jax.decode.generate import Sampling, generate
     from mtp_jax.model.transformer import MTP
 
     try:
         prompt = document_starts(cfg, tokenizer, run_dir, prompt_len, 1)[0].tolist()
     except ConfigError:
         return []
-    completion = generate(MTP(cfg.model), params, [prompt], new_tokens, stop_tokens=[tokenizer.eot_id]).completions()[0]
-    print(f"greedy completion of a held-out document start ({prompt_len} prompt tokens, then {new_tokens} new):")
-    print(f"{tokenizer.decode(prompt)}\u2502{tokenizer.decode([t for t in completion if t != tokenizer.eot_id])}",
-          flush=True)
-    return completion
+    temperature, top_p = SAMPLE_SAMPLING
+    run = lambda sampling: generate(MTP(cfg.model), params, [prompt], new_tokens, sampling, seed,
+                                    stop_tokens=[tokenizer.eot_id]).completions()[0]
+    greedy, sampled = run(Sampling()), run(Sampling(temperature, 0, top_p))
+    print(f"completions of a held-out document start ({prompt_len} prompt tokens, then up to {new_tokens} new):")
+    print(f"greedy:  {tokenizer.decode(prompt)}\u2502{completion_text(tokenizer, prompt, greedy)}")
+    print(f"sampled (temperature {temperature}, top-p {top_p}):  {tokenizer.decode(prompt)}\u2502"
+          f"{completion_text(tokenizer, prompt, sampled)}", flush=True)
+    return greedy

@@ -158,8 +158,9 @@ class SequentialModule(nnx.Module):
 class SequentialHeads(ChainedHeads):
     """DeepSeek-V3-style sequential heads: head i reads head i-1's output (h_0 = z) and the embedding of
     the token before its target, x_{t+i-1} (for head 1 that is x_t itself, the token at t). Training
-    feeds the true tokens; decoding, where x_{t+i-1} is not known yet, feeds head i-1's argmax at t
-    (`MTP.token_feed`), so every cache entry is a function of the prefix alone."""
+    feeds the true tokens; decoding feeds them where they are known (the prompt) and head i-1's
+    argmax at t where x_{t+i-1} is not known yet (`MTP.token_feed`), so every cache entry is a
+    function of the tokens known when it is written."""
 
     def __init__(self, cfg: ModelConfig, spec: HeadKindSpec):
         _Heads.__init__(self, cfg, spec)

@@ -159,18 +159,26 @@ class MTP:
 
         return scan_heads(self.head_kind, heads_params, z_BTD, step, cache)
 
-    def token_feed(self, shared: Params, tokens_BT: jax.Array, teacher_NBT: jax.Array | None = None) -> Feed | None:
+    def token_feed(self, shared: Params, tokens_BT: jax.Array, teacher_NBT: jax.Array | None = None,
+                   known_B: jax.Array | None = None) -> Feed | None:
         """What a sequential head i (0-based) reads besides head i-1's output: Emb(x_{t+i}), the token
-        before its target. Training passes the true tokens (`teacher_NBT[i]`); decoding, which does not
-        know them yet, uses the fed token for head 0 and head i-1's argmax at t for the others."""
+        before its target. Training passes the true tokens (`teacher_NBT[i]`). Decoding feeds the
+        true token wherever it is known: the fed token for head 0, and x_{t+i} itself where t+i is
+        among the first known_B[b] fed positions (a prompt's tokens in the prefill); elsewhere,
+        head i-1's argmax at t. Every cache entry stays a function of the tokens known when it is
+        written."""
         if not self.head_kind.reads_tokens:
             return None
+        t = tokens_BT.shape[1]
 
         def feed(i: jax.Array, prev_BTD: jax.Array) -> jax.Array:
             if teacher_NBT is not None:
                 return self.embed_rows(shared, teacher_NBT[i])
             guess_BT = jnp.argmax(self.logits(shared, prev_BTD), axis=-1).astype(tokens_BT.dtype)
-            return self.embed_rows(shared, jnp.where(i == 0, tokens_BT, guess_BT))
+            ahead_T = jnp.arange(t) + i
+            known_BT = (ahead_T < (1 if known_B is None else known_B[:, None])) | (i == 0)
+            true_BT = jnp.take(tokens_BT, jnp.minimum(ahead_T, t - 1), axis=1)
+            return self.embed_rows(shared, jnp.where(known_BT, true_BT, guess_BT))
 
         return feed
 
@@ -218,15 +226,17 @@ class MTP:
         return jnp.einsum("btd,dv->btv", hn_BTD, w_DV.astype(hn_BTD.dtype), preferred_element_type=jnp.float32)
 
     def forward(
-        self, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, segments_BT: jax.Array | None = None
+        self, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+        segments_BT: jax.Array | None = None, known_B: jax.Array | None = None,
     ) -> jax.Array:
         """All heads' logits (N, B, T, V) at once: the simple path, memory O(N x T x V). Sequential
-        heads read their previous head's argmax here, as in decoding (the loss feeds true tokens)."""
+        heads read what decoding feeds them (`token_feed`): the true token within the first known_B
+        tokens (a prompt), their previous head's argmax past it (the loss feeds true tokens)."""
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         z_BTD, _ = self.trunk(params, tokens_BT, positions_BT, segments_BT)
         shared = self.shared(params)
-        feed = self.token_feed(shared, tokens_BT)
+        feed = self.token_feed(shared, tokens_BT, known_B=known_B)
         h_NBTD, _ = self.heads_hidden(params["heads"], z_BTD, positions_BT, segments_BT, feed=feed)
         return jnp.stack([self.logits(shared, h, head_slice(params["heads"], i)) for i, h in enumerate(h_NBTD)])
 

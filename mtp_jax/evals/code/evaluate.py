@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
+from mtp_jax.data.tokenizer import completion_text, encode_prompt
 from mtp_jax.decode.generate import Sampling
 from mtp_jax.errors import UserError
 from mtp_jax.evals.code import benchmarks
@@ -118,12 +119,12 @@ def run_batch(batch: Sequence[benchmarks.Problem], temperature: float, settings:
               tokenizer, sandbox: Sandbox) -> list[dict]:
     """n completions for each problem of the batch, cut at the stop strings, run in the sandbox."""
     n = settings.samples_at(temperature)
-    prompts = [[tokenizer.eot_id, *tokenizer.encode(p.prompt)] for p in batch for _ in range(n)]
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in batch for _ in range(n)]
     seed = zlib.crc32(json.dumps([settings.seed, temperature, [p.task_id for p in batch]]).encode())
     outputs = decoder(prompts, settings.new_tokens, Sampling(temperature, 0, settings.top_p), seed, [tokenizer.eot_id])
     problems = [p for p in batch for _ in range(n)]
-    completions = [benchmarks.cut(tokenizer.decode([t for t in out if t != tokenizer.eot_id]), p.stops)
-                   for p, out in zip(problems, outputs)]
+    completions = [benchmarks.cut(completion_text(tokenizer, ids, out), p.stops)
+                   for p, ids, out in zip(problems, prompts, outputs)]
     outcomes = sandbox.run_many([p.program(c) for p, c in zip(problems, completions)])
     return [dict(task_id=p.task_id, temperature=temperature, sample=i % n, completion=c, status=o.status,
                  error_type=o.error_type, new_tokens=len(out))
