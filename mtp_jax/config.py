@@ -47,7 +47,8 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False
     remat: str = "none"  # none | full | dots  (per trunk block)
-    layer_loop: str = "auto"  # auto | scan | unroll: the trunk's blocks (auto unrolls up to 16; see transformer.py)
+    layer_loop: str = "auto"  # auto | scan | unroll (trunk blocks, and the train step's head loop); auto unrolls
+    # trunks of up to 16 blocks on CPU only (see transformer.py)
     attention: str = "auto"  # auto | xla | blockwise | cudnn | splash (see mtp_jax/model/attention.py)
     dtype: str = "auto"  # compute dtype: auto (bf16 on GPU/TPU, fp32 on CPU) | float32 | bfloat16; params stay fp32
 

@@ -200,7 +200,8 @@ def _heads_fwd(mtp, chunk, heads, shared, z_BTD, tokens_BL, segments_BL, weights
 
     n = weights_N.shape[0]
     init = (_f32_zeros(z_BTD), _f32_zeros(shared["norm"]), _f32_zeros(shared["unembed"]))
-    (dz_BTD, dnorm, dw_DV), (dheads, losses, accs) = jax.lax.scan(body, init, (heads, jnp.arange(n), weights_N))
+    (dz_BTD, dnorm, dw_DV), (dheads, losses, accs) = jax.lax.scan(body, init, (heads, jnp.arange(n), weights_N),
+                                                                  unroll=mtp.cfg.layer_loop == "unroll")
     dshared = {"norm": dnorm, "unembed": dw_DV}
     return _finish(weights_N, losses, accs, dheads, dshared, dz_BTD, shared, z_BTD)
 

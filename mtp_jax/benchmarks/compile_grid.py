@@ -5,6 +5,13 @@ Each row is one `mtp-compile` process (its command is printed beside the row), s
 rerun alone. Prints a Markdown table per part and one JSON object last. Times are the compiler's
 estimates, not measurements; memory is XLA's per-device analysis.
 
+XLA's cost analysis counts the body of a loop once, whatever its trip count, so the estimate of a
+step whose blocks are scanned covers one block. `--estimate` therefore also compiles three shallow,
+fully unrolled probes per size on the same topology and per-device batch (one chunk of
+cross-entropy): (trunk 1, n 1), (trunk 2, n 1) and (trunk 1, n 2). Their differences are the
+compiler's estimate of one trunk block and of one head (block, unembedding and loss), and
+    estimate(size, n) = probe(1, 1) + (trunk blocks - 1) x block + (n - 1) x head.
+
     python -m mtp_jax.benchmarks.compile_grid [--sizes 0.3b,6.7b] [--heads 1,4] [--attention] [--out FILE.json]
 """
 
@@ -45,20 +52,42 @@ def compile_one(config: str, topology: str, overrides: list[str] = ()) -> dict[s
     return row
 
 
+def probe_estimates(size: str) -> dict[str, Any]:
+    """The compiler's step-time estimates of the three unrolled probes of one size (see above)."""
+    from mtp_jax.config import load_config
+
+    config = f"experiments/paper/{size}_n1.yaml"
+    seq = load_config(config).train.seq_len
+    fixed = ["model.layer_loop=unroll", f"train.ce_chunk={seq}"]
+    probes = {}
+    for name, layers, heads in (("t1_n1", 2, 1), ("t2_n1", 3, 1), ("t1_n2", 3, 2)):
+        row = compile_one(config, TOPOLOGY[size], [*fixed, f"model.n_layers={layers}", f"model.mtp_heads={heads}"])
+        probes[name] = {"command": row["command"], "seconds": row.get("compiler_estimate_s"), "error": row.get("error")}
+    return probes
+
+
+def extrapolated(probes: dict[str, Any], trunk_blocks: int, n: int) -> float | None:
+    """estimate = probe(1, 1) + (trunk blocks - 1) x block + (n - 1) x head, None if a probe failed."""
+    p = {k: v["seconds"] for k, v in probes.items()}
+    if None in p.values():
+        return None
+    return p["t1_n1"] + (trunk_blocks - 1) * (p["t2_n1"] - p["t1_n1"]) + (n - 1) * (p["t1_n2"] - p["t1_n1"])
+
+
 def _gib(row: dict[str, Any], key: str) -> str:
     return f"{row['memory'][key] / GIB:.2f}" if "memory" in row else "-"
 
 
 def grid_table(rows: list[dict[str, Any]]) -> str:
-    out = ["| config | topology | fits | per-device GiB (total / temp) | compiler estimate s/step | "
-           "n / n=1 estimate | MFU (compiler estimate) | command |", "|---|---|---|---|---|---|---|---|"]
-    base = {r["size"]: r.get("compiler_estimate_s") for r in rows if r["n"] == 1}
+    out = ["| config | topology | fits | per-device GiB (total / temp) | extrapolated compiler estimate s/step | "
+           "n / n=1 | MFU at that estimate | command |", "|---|---|---|---|---|---|---|---|"]
+    base = {r["size"]: r.get("estimate_s") for r in rows if r["n"] == 1}
     for r in rows:
-        est = r.get("compiler_estimate_s")
+        est = r.get("estimate_s")
         ratio = f"{est / base[r['size']]:.3f}" if est and base.get(r["size"]) else "-"
-        mfu = r.get("mfu_compiler_estimate")
+        mfu = r.get("mfu_at_estimate")
         out.append(f"| {r['size']}_n{r['n']} | {r['topology_name']} | {r.get('fits', False)} | "
-                   f"{_gib(r, 'total')} / {_gib(r, 'temp')} | {est if est is None else f'{est:.2f}'} | {ratio} | "
+                   f"{_gib(r, 'total')} / {_gib(r, 'temp')} | {'-' if est is None else f'{est:.2f}'} | {ratio} | "
                    f"{'-' if mfu is None else f'{mfu:.3f}'} | `{r['command']}` |")
     return "\n".join(out)
 
@@ -80,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {','.join(SIZES)}")
     ap.add_argument("--heads", default=",".join(map(str, HEADS)), help="comma-separated n values")
     ap.add_argument("--attention", action="store_true", help="also splash vs blockwise vs xla at T = 4096, 8192")
+    ap.add_argument("--estimate", action="store_true", help="also the unrolled probes and extrapolated estimates")
+    ap.add_argument("--only-estimate", type=Path, help="skip the grid's compiles: read them from this earlier --out")
     ap.add_argument("--out", type=Path, help="also write the JSON summary here")
     args = ap.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
@@ -88,13 +119,27 @@ def main(argv: list[str] | None = None) -> dict:
         from mtp_jax.errors import UserError
 
         raise UserError(f"--sizes {','.join(unknown)} unknown; choose from {','.join(SIZES)}")
-    grid = []
-    for size in sizes:
+    grid = json.loads(args.only_estimate.read_text())["grid"] if args.only_estimate else []
+    for size in [] if args.only_estimate else sizes:
         for n in (int(h) for h in args.heads.split(",") if h):
             row = compile_one(f"experiments/paper/{size}_n{n}.yaml", TOPOLOGY[size])
             grid.append({"size": size, "n": n, "topology_name": TOPOLOGY[size], **row})
             print(json.dumps({k: grid[-1].get(k) for k in ("command", "fits", "compiler_estimate_s", "error")}),
                   file=sys.stderr, flush=True)
+    probes = {}
+    if args.estimate or args.only_estimate:
+        from mtp_jax.config import load_config
+        from mtp_jax.flops import peak_flops
+
+        for size in sorted({r["size"] for r in grid}, key=SIZES.index):
+            probes[size] = probe_estimates(size)
+            print(json.dumps({size: probes[size]}), file=sys.stderr, flush=True)
+        for r in grid:
+            model = load_config(f"experiments/paper/{r['size']}_n{r['n']}.yaml").model
+            r["estimate_s"] = extrapolated(probes[r["size"]], model.trunk_layers, r["n"])
+            peak = peak_flops(r.get("device_kind", ""))
+            if r["estimate_s"] and peak and r.get("model_flops"):
+                r["mfu_at_estimate"] = r["model_flops"] / (r["devices"] * peak * r["estimate_s"])
     attention = []
     if args.attention:
         config, topology, extra = ATTENTION_RUN
@@ -108,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(grid_table(grid))
     if attention:
         print(attention_table(attention))
-    summary = {"grid": grid, "attention": attention}
+    summary = {"grid": grid, "probes": probes, "attention": attention}
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary))
