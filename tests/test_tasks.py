@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import string
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,31 @@ def test_induction_metric_counts_only_repeated_occurrences() -> None:
     pred[1, 17] = ord("d")     # head 2 from before "Cd" gets its second token
     counts = induction_counts(pred, tokens, repeats)
     assert counts == {"repeats": 3, "second": 2, "first": 1, "second_head_2": 1}
+
+
+def test_induction_window_holds_whole_stories_and_scores_every_repeat() -> None:
+    """The shipped induction config: 100+ test stories, each inside train.seq_len, and the
+    evaluation scores every repeated name, counted here from the text (capital + letter)."""
+    import jax
+
+    from mtp_jax.config import load_config
+    from mtp_jax.model.transformer import MTP
+    from mtp_jax.tasks.evaluate import eval_induction
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "experiments" / "induction" / "base.yaml",
+                      ["model.d_model=32", "model.n_layers=2", "model.attn_heads=2", "model.vocab_size=384"])
+    stories = induction.test_set(cfg.data.task_test_examples)
+    assert len(stories) >= 100 and max(len(s.text) for s in stories) < cfg.train.seq_len
+    want = 0
+    for story in stories:
+        names = re.findall(r"[A-Z][a-z]", story.text)
+        want += len(names) - len(set(names))
+    mtp = MTP(cfg.model)
+    metrics, details = eval_induction(cfg, mtp, mtp.init(jax.random.key(0)), ByteTokenizer(), final=True)
+    assert details["repeats"] == want and details["stories"] == len(stories)
+    assert details["longest_story_tokens"] == max(len(s.text) for s in stories) <= cfg.train.seq_len
+    assert 0 <= metrics["second_token_accuracy"] <= 1
 
 
 def test_answer_scores_by_hand() -> None:
