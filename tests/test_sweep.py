@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -22,7 +23,8 @@ from mtp_jax.evals.results import latest_results
 from mtp_jax.sweep.cli import main
 from mtp_jax.sweep.experiment import load_experiment
 from mtp_jax.sweep.local import run_local, status
-from mtp_jax.sweep.report import report
+from mtp_jax.sweep.report import best_over_training, comparison_rows, report, summary_rows
+from mtp_jax.sweep.stats import paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = """
@@ -60,6 +62,11 @@ def test_grid_bundles_and_token_budget(tmp_path: Path) -> None:
     ({"model.mtp_heads": []}, {}, "must be a non-empty list"),
     ({"model.mtp_heads": [1]}, {"tokens_per_point": 10}, "less than one step"),
     ({"model.mtp_heads": [1]}, {"colour": 1}, "unknown keys"),
+    ({"model.mtp_heads": [1, 2]}, {"report": {"metric": "polynomial/exact_match/in_domain",
+                                              "compare": [{"treatment": {"model.mtp_heads": 4},
+                                                           "control": {"model.mtp_heads": 1}}]}},
+     "model.mtp_heads=4 is not a label of a grid axis"),
+    ({"model.mtp_heads": [1, 2]}, {"report": {"metric": "accuracy"}}, "must name a task metric as TASK/METRIC"),
 ])
 def test_bad_experiment_is_one_line(tmp_path: Path, capsys, grid: dict, extra: dict, message: str) -> None:
     path = write_experiment(tmp_path, grid, **extra)
@@ -67,6 +74,77 @@ def test_bad_experiment_is_one_line(tmp_path: Path, capsys, grid: dict, extra: d
         main([str(path), "--dry-run"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and err.count("\n") == 1
+
+
+# t quantiles from a printed table (two-sided 90%: the 0.95 quantile), not from the code under test
+T95 = {1: 6.313752, 2: 2.919986, 3: 2.353363}
+
+
+@pytest.mark.parametrize("treatment, control, verdict", [
+    ([0.50, 0.46, 0.61], [0.40, 0.41, 0.47], "reproduces"),
+    ([0.30, 0.36, 0.31], [0.40, 0.41, 0.47], "opposite"),
+    ([0.50, 0.36, 0.61], [0.40, 0.41, 0.47], "inconclusive"),
+    ([0.50, 0.46], [0.40, 0.41], "inconclusive"),  # the same sign twice, but t(1) is wide
+    ([0.50, 0.50], [0.40, 0.41], "reproduces"),
+])
+def test_paired_interval_and_verdict_by_hand(treatment: list, control: list, verdict: str) -> None:
+    diffs = np.subtract(treatment, control)
+    half = T95[len(diffs) - 1] * diffs.std(ddof=1) / np.sqrt(len(diffs))
+    got = paired_difference(treatment, control)
+    assert got.pairs == len(diffs) and got.mean == pytest.approx(diffs.mean())
+    assert (got.low, got.high) == pytest.approx((diffs.mean() - half, diffs.mean() + half), rel=1e-5)
+    assert got.verdict == verdict
+
+
+def test_one_pair_is_inconclusive() -> None:
+    got = paired_difference([0.9], [0.1])
+    assert got.mean == pytest.approx(0.8) and np.isnan(got.low) and got.verdict == "inconclusive"
+
+
+def test_best_over_training_is_the_best_evaluation() -> None:
+    records = [{"step": s, "metrics": {"acc": a, "answer_loss": l}}
+               for s, a, l in [(10, 0.1, 3.0), (20, 0.5, 1.0), (30, 0.5, 1.5), (40, 0.4, 0.9)]]
+    assert best_over_training(records, "acc") == (20, 0.5)  # a tie goes to the earlier step
+    assert best_over_training(records, "answer_loss") == (40, 0.9)  # a loss: the lowest
+    assert best_over_training(records, "missing") is None
+
+
+def test_report_groups_by_every_non_seed_key_and_pairs_by_seed(tmp_path: Path) -> None:
+    """A grid over seed x head_type x n: four configurations of three seeds each (head types at
+    equal size are not averaged together), and n=2 - n=1 paired per seed within each head type."""
+    grid = {"seed": {f"s{i}": {"train.seed": i} for i in range(3)},
+            "model.head_type": ["transformer", "linear"], "model.mtp_heads": [1, 2]}
+    spec = {"metric": "polynomial/coefficient_accuracy/in_domain",
+            "compare": [{"treatment": {"model.mtp_heads": 2}, "control": {"model.mtp_heads": 1}}]}
+    exp = load_experiment(write_experiment(tmp_path, grid, report=spec))
+    assert exp.seed_axis == "seed" and exp.configuration(exp.points[0]) == "head_type-transformer_mtp_heads-1"
+    rng = np.random.default_rng(0)
+    value = {}
+    rows = []
+    for point in exp.points:
+        best, final = rng.uniform(0.3, 0.6), rng.uniform(0.1, 0.3)
+        value[point.name] = (best, final)
+        rows.append({"point": point.name, "configuration": exp.configuration(point), "status": "done",
+                     **point.labels, "mtp_heads": int(point.labels["model.mtp_heads"]), "non_embedding_params": 1000,
+                     exp.metric: final, f"best/{exp.metric}": best})
+    summary = {r["configuration"]: r for r in summary_rows(exp, rows)}
+    assert len(summary) == 4
+    for name, row in summary.items():
+        finals = np.array([value[f"seed-s{i}_{name}"][1] for i in range(3)])
+        assert row["seeds"] == 3 and row[exp.metric] == pytest.approx(finals.mean())
+        assert row[f"{exp.metric}/se"] == pytest.approx(finals.std(ddof=1) / np.sqrt(3))
+    comparisons = comparison_rows(exp, rows)
+    assert [c["context"] for c in comparisons] == ["model.head_type=linear", "model.head_type=transformer"]
+    for row in comparisons:
+        head = row["context"].split("=")[1]
+        diffs = np.array([value[f"seed-s{i}_head_type-{head}_mtp_heads-2"][0] - value[f"seed-s{i}_head_type-{head}_mtp_heads-1"][0]
+                          for i in range(3)])
+        half = T95[2] * diffs.std(ddof=1) / np.sqrt(3)
+        assert row["pairs"] == 3 and row["best_diff"] == pytest.approx(diffs.mean())
+        assert (row["best_low"], row["best_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half), rel=1e-5)
+    # a point that did not finish drops its seed's pair only
+    rows[0]["status"] = "failed"
+    assert [c["pairs"] for c in comparison_rows(exp, rows)] == [3, 2]
 
 
 def test_results_dir_of_another_experiment_is_refused(tmp_path: Path, monkeypatch) -> None:
@@ -215,7 +293,10 @@ def test_tiny_grid_resumes_skips_finished_points_and_reports(tmp_path: Path, cap
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").rglob("sweep*.yaml")), ids=lambda p: p.parent.name)
 def test_shipped_sweeps_load(path: Path) -> None:
     exp = load_experiment(path)
-    assert len({p.name for p in exp.points}) == len(exp.points) >= 8
+    assert len({p.name for p in exp.points}) == len(exp.points) >= 6
+    if path.parent.name in ("induction", "polynomial"):  # the reproductions: seeds, a verdict metric, comparisons
+        assert len({p.labels[exp.seed_axis] for p in exp.points}) >= 3
+        assert exp.metric.startswith(f"{path.parent.name}/") and exp.comparisons
 
 
 def test_paper_scaling_grid_is_the_paper_configs() -> None:

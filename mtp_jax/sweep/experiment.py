@@ -14,8 +14,14 @@
         s0: {train.seed: 0, data.task_seed: 0}
         s1: {train.seed: 1, data.task_seed: 1}
     cluster: {nodes: 1, time: "04:00:00", overrides: {mesh.data: -1}}   # optional, --emit only
+    report:                          # optional, for --report
+      metric: induction/second_token_accuracy   # the verdict's metric (higher is better)
+      compare:                       # treatment minus control, paired by seed, other axes equal
+        - {treatment: {model.mtp_heads: 2}, control: {model.mtp_heads: 1}}
 
-Each point is trained in RESULTS_DIR/<point name>, a name made of the axes' labels.
+Each point is trained in RESULTS_DIR/<point name>, a name made of the axes' labels. The axis
+whose values set train.seed is the seed axis: points that differ only in it are one
+configuration's repetitions, and comparisons pair them by its label.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import yaml
 from mtp_jax.config import Config, load_config
 from mtp_jax.errors import UserError
 
-KEYS = {"name", "base", "results_dir", "tokens_per_point", "overrides", "grid", "cluster"}
+KEYS = {"name", "base", "results_dir", "tokens_per_point", "overrides", "grid", "cluster", "report"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,18 @@ class Point:
 
 
 @dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Points labelled `treatment` against points labelled `control` (axis -> label)."""
+    treatment: dict[str, str]
+    control: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        side = lambda labels: ",".join(f"{_short(a)}={v}" for a, v in labels.items())
+        return f"{side(self.treatment)} - {side(self.control)}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     path: Path
     name: str
@@ -55,9 +73,20 @@ class Experiment:
     results_dir: Path
     points: list[Point]
     cluster: dict[str, Any]
+    axes: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)  # axis -> the config keys it sets
+    metric: str | None = None  # report.metric: the verdict's metric
+    comparisons: list[Comparison] = dataclasses.field(default_factory=list)
 
     def config(self, point: Point) -> Config:
         return load_config(self.base, point.args())
+
+    @property
+    def seed_axis(self) -> str | None:
+        return next((axis for axis, keys in self.axes.items() if "train.seed" in keys), None)
+
+    def configuration(self, point: Point) -> str:
+        """The point's name without the seed axis: what its seeds share."""
+        return "_".join(f"{_short(a)}-{v}" for a, v in point.labels.items() if a != self.seed_axis) or "all"
 
 
 def _label(value: Any) -> str:
@@ -114,12 +143,46 @@ def load_experiment(path: str | Path) -> Experiment:
         points.append(Point(index, name, labels, overrides))
     if len({p.name for p in points}) != len(points):
         raise UserError(f"grid axes of '{path}' give two points the same name; make the labels distinct")
-    experiment = Experiment(path, spec["name"], base, results_dir, points, spec.get("cluster") or {})
+    keys = {axis: frozenset(k for _, values in vals for k in values) for axis, vals in axes}
+    if sum("train.seed" in k for k in keys.values()) > 1:
+        raise UserError(f"two grid axes of '{path}' set train.seed; put every seed in one axis")
+    metric, comparisons = _report_spec(path, spec.get("report"), axes)
+    experiment = Experiment(path, spec["name"], base, results_dir, points, spec.get("cluster") or {}, keys,
+                            metric, comparisons)
     if budget is not None:
         experiment = _with_budget(experiment, budget)
     for point in experiment.points:
         experiment.config(point)  # one line naming an unknown key or a bad value
     return experiment
+
+
+def _report_spec(path: Path, spec: Any, axes: list[tuple[str, list[tuple[str, dict]]]]) -> tuple[str | None, list[Comparison]]:
+    """report: {metric: TASK/METRIC, compare: [{treatment: {axis: value}, control: {axis: value}}]}."""
+    if spec is None:
+        return None, []
+    labels = {axis: [label for label, _ in values] for axis, values in axes}
+    metric, compare = (spec.get("metric"), spec.get("compare") or []) if isinstance(spec, dict) else (None, None)
+    if set(spec if isinstance(spec, dict) else ()) - {"metric", "compare"} or not isinstance(compare, list):
+        raise UserError(f"'report' in '{path}' must be a mapping with 'metric' and a list 'compare'")
+    if not isinstance(metric, str) or metric.count("/") < 1:
+        raise UserError(f"report.metric in '{path}' must name a task metric as TASK/METRIC, e.g. "
+                        f"induction/second_token_accuracy; got {metric!r}")
+
+    def side(entry: Any, key: str) -> dict[str, str]:
+        chosen = entry.get(key) if isinstance(entry, dict) else None
+        if not isinstance(chosen, dict) or not chosen:
+            raise UserError(f"each report.compare entry in '{path}' needs '{key}': {{axis: value}}; got {entry!r}")
+        for axis, value in chosen.items():
+            if _label(value) not in labels.get(axis, []):
+                raise UserError(f"report.compare in '{path}': {axis}={value} is not a label of a grid axis "
+                                f"(axes: {', '.join(f'{a}: {v}' for a, v in labels.items())})")
+        return {axis: _label(value) for axis, value in chosen.items()}
+
+    comparisons = [Comparison(side(entry, "treatment"), side(entry, "control")) for entry in compare]
+    for c in comparisons:
+        if set(c.treatment) != set(c.control):
+            raise UserError(f"report.compare in '{path}': treatment and control must name the same axes ({c.name})")
+    return metric, comparisons
 
 
 def _with_budget(experiment: Experiment, budget: Any) -> Experiment:

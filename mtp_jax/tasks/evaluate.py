@@ -16,8 +16,8 @@ from mtp_jax.model.transformer import MTP
 from mtp_jax.tasks import induction, polynomial
 from mtp_jax.tasks.metrics import answer_scores, induction_counts
 
-BATCH = 32
-LENGTH_MULTIPLE = 64  # padded lengths are rounded up to this, so few shapes compile
+BATCH_TOKENS = 16384  # rows x padded length per call: short sequences go in wide batches
+LENGTH_MULTIPLE = 16  # padded lengths are rounded up to this, so few shapes compile
 
 
 def _scores(mtp: MTP, params: Any, tokens_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -35,18 +35,64 @@ def _scorer(mtp: MTP) -> Callable:
     return jax.jit(functools.partial(_scores, mtp))
 
 
-def predictions(mtp: MTP, params: Any, seqs: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(pred_NT, nll_T) per sequence, batched and right-padded (causal: padding never reaches them)."""
+def _batches(lengths: list[int]) -> Iterator[tuple[int, list[int]]]:
+    """(padded length, sequence indices) per call: sequences sorted by length, padded to a
+    multiple of LENGTH_MULTIPLE, BATCH_TOKENS // length rows a call (one shape per length)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    padded = [-(-lengths[i] // LENGTH_MULTIPLE) * LENGTH_MULTIPLE for i in order]
+    start = 0
+    while start < len(order):
+        length = padded[start]
+        rows = max(1, BATCH_TOKENS // length)
+        end = start
+        while end < len(order) and end - start < rows and padded[end] == length:
+            end += 1
+        yield length, order[start:end]
+        start = end
+
+
+def predictions(mtp: MTP, params: Any, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(pred_NT, nll_T) per sequence, in order; batched by length and right-padded (causal:
+    padding never reaches them)."""
     score = _scorer(mtp)
-    length = -(-max(len(s) for s in seqs) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
-    for start in range(0, len(seqs), BATCH):
-        chunk = seqs[start:start + BATCH]
-        tokens_BT = np.zeros((BATCH, length), np.int32)
-        for row, seq in zip(tokens_BT, chunk):
-            row[: len(seq)] = seq
+    out: list[Any] = [None] * len(seqs)
+    for length, chunk in _batches([len(s) for s in seqs]):
+        tokens_BT = np.zeros((max(1, BATCH_TOKENS // length), length), np.int32)
+        for row, i in zip(tokens_BT, chunk):
+            row[: len(seqs[i])] = seqs[i]
         pred_NBT, nll_BT = jax.device_get(score(params, tokens_BT))
-        for b, seq in enumerate(chunk):
-            yield pred_NBT[:, b, : len(seq)], nll_BT[b, : len(seq)]
+        for b, i in enumerate(chunk):
+            out[i] = (pred_NBT[:, b, : len(seqs[i])], nll_BT[b, : len(seqs[i])])
+    return out
+
+
+def greedy_answers(mtp: MTP, params: Any, prompts: list[np.ndarray], answers: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(head 1's greedy answers, head 1's per-token loss on `answers` teacher-forced), answers
+    of a fixed length, by whole-sequence passes instead of token-by-token decoding.
+
+    Pass p scores prompt + a guess (first the reference) and takes head 1's argmax at every answer
+    position: if the guess's first p - 1 tokens are greedy, the new guess's first p are (each
+    argmax sees only earlier tokens). A guess that reproduces itself is the greedy answer, so only
+    the others are scored again, and after `length` passes every guess is greedy.
+    """
+    length = len(answers[0])
+    guess = list(answers)
+    todo = list(range(len(prompts)))
+    losses: list[np.ndarray] = []
+    for step in range(length):
+        outs = predictions(mtp, params, [np.concatenate([prompts[i], guess[i]]) for i in todo])
+        if step == 0:
+            losses = [nll_T[len(p) - 1: len(p) - 1 + length] for p, (_, nll_T) in zip(prompts, outs)]
+        still = []
+        for i, (pred_NT, _) in zip(todo, outs):
+            new = pred_NT[0, len(prompts[i]) - 1: len(prompts[i]) - 1 + length].astype(guess[i].dtype)
+            if not np.array_equal(new, guess[i]):
+                guess[i] = new
+                still.append(i)
+        todo = still
+        if not todo:
+            break
+    return guess, losses
 
 
 def _bytes_only(tokenizer: Any, task: str) -> None:
@@ -54,43 +100,50 @@ def _bytes_only(tokenizer: Any, task: str) -> None:
         raise ConfigError(f"--task {task} needs a run trained with data.tokenizer=bytes; this run's is {tokenizer.name}")
 
 
-def eval_induction(cfg: Config, mtp: MTP, params: Any, tokenizer: Any) -> tuple[dict[str, float], dict]:
-    """Accuracy on names' second (and first) tokens at their repeated occurrences, test stories
-    cut to the training context (train.seq_len), as the model saw stories in training."""
+def eval_induction(cfg: Config, mtp: MTP, params: Any, tokenizer: Any, final: bool) -> tuple[dict[str, float], dict]:
+    """Accuracy on names' second (and first) tokens at every repeated occurrence of the whole test
+    stories (never cut: a train.seq_len below the longest story scores positions unseen in training,
+    and the details record both lengths so a table can show it)."""
     _bytes_only(tokenizer, "induction")
     stories = induction.test_set(cfg.data.task_test_examples)
-    seqs = [np.asarray(tokenizer.encode(s.text), np.int32)[: cfg.train.seq_len] for s in stories]
+    seqs = [np.asarray(tokenizer.encode(s.text), np.int32) for s in stories]
     totals = {"repeats": 0, "second": 0, "first": 0, "second_head_2": 0}
     for story, seq, (pred_NT, _) in zip(stories, seqs, predictions(mtp, params, seqs)):
-        repeats = [offset for offset, _ in induction.repeated(story.spans) if offset + 1 < len(seq)]
-        counts = induction_counts(pred_NT, seq, repeats)
+        counts = induction_counts(pred_NT, seq, [offset for offset, _ in induction.repeated(story.spans)])
         totals = {k: totals[k] + counts[k] for k in totals}
     n = max(totals["repeats"], 1)
     metrics = {"second_token_accuracy": totals["second"] / n, "first_token_accuracy": totals["first"] / n}
     if cfg.model.mtp_heads >= 2:
         metrics["second_token_accuracy/head_2"] = totals["second_head_2"] / n
-    return metrics, {"stories": len(stories), **totals}
+    window = {"longest_story_tokens": max(len(s) for s in seqs), "seq_len": cfg.train.seq_len}
+    return metrics, {"stories": len(stories), **totals, **window}
 
 
-def eval_polynomial(cfg: Config, mtp: MTP, params: Any, tokenizer: Any) -> tuple[dict[str, float], dict]:
-    """Per m: greedy exact match, per-coefficient accuracy and answer-token loss on the test set."""
+def eval_polynomial(cfg: Config, mtp: MTP, params: Any, tokenizer: Any, final: bool) -> tuple[dict[str, float], dict]:
+    """Per m: exact match and per-coefficient accuracy of head 1's greedy answer, and its
+    teacher-forced loss on the reference answer tokens; every m's expressions in one batched pass.
+    Evaluations during training score the in-domain m only (a third of the cost of all ten); the
+    final one, and mtp-eval of a finished run, every m."""
     _bytes_only(tokenizer, "polynomial")
-    tests = polynomial.test_set(cfg.data.task_test_examples, cfg.data.task_test_ops)
+    ops = cfg.data.task_test_ops if final else cfg.data.task_train_ops
+    examples = [ex for m, group in polynomial.test_set(cfg.data.task_test_examples, cfg.data.task_test_ops).items()
+                if m <= ops for ex in group]
+    prompts = [np.asarray(tokenizer.encode(ex.prompt), np.int32) for ex in examples]
+    references = [np.asarray(tokenizer.encode(ex.answer), np.int32) for ex in examples]
+    greedy, losses = greedy_answers(mtp, params, prompts, references)
+    scores: dict[int, list[tuple[bool, np.ndarray, float]]] = {}
+    for ex, *score in zip(examples, greedy, references, losses):
+        scores.setdefault(ex.ops, []).append(answer_scores(*score))
     metrics: dict[str, float] = {}
-    for m, examples in tests.items():
-        seqs = [np.asarray(tokenizer.encode(ex.text), np.int32) for ex in examples]
-        exact, coef, loss = [], [], []
-        for ex, seq, (pred_NT, nll_T) in zip(examples, seqs, predictions(mtp, params, seqs)):
-            e, c, l = answer_scores(pred_NT[0], nll_T, seq, len(ex.prompt), polynomial.DEG)
-            exact.append(e), coef.append(c), loss.append(l)
-        metrics[f"exact_match/m_{m}"] = float(np.mean(exact))
-        metrics[f"coefficient_accuracy/m_{m}"] = float(np.mean(coef))
-        metrics[f"answer_loss/m_{m}"] = float(np.mean(loss))
+    for m, rows in scores.items():
+        metrics[f"exact_match/m_{m}"] = float(np.mean([exact for exact, _, _ in rows]))
+        metrics[f"coefficient_accuracy/m_{m}"] = float(np.mean([correct for _, correct, _ in rows]))
+        metrics[f"answer_loss/m_{m}"] = float(np.mean([loss for _, _, loss in rows]))
     ranges = {"in_domain": range(1, cfg.data.task_train_ops + 1),
               "out_of_domain": range(cfg.data.task_train_ops + 1, cfg.data.task_test_ops + 1)}
     for name, ms in ranges.items():
         for key in ("exact_match", "coefficient_accuracy", "answer_loss"):
-            if len(ms):
+            if len(ms) and all(m in scores for m in ms):
                 metrics[f"{key}/{name}"] = float(np.mean([metrics[f"{key}/m_{m}"] for m in ms]))
     return metrics, {"examples_per_m": cfg.data.task_test_examples, "train_ops": cfg.data.task_train_ops}
 
@@ -102,12 +155,12 @@ TASKS: dict[str, Callable[..., tuple[dict[str, float], dict]]] = {
 
 
 def evaluate_task(task: str, cfg: Config, mtp: MTP, params: Any, tokenizer: Any, run_dir: str | Path, step: int) -> dict:
-    """Runs one task's evaluation and writes RUN_DIR/evals/<task>/step_N.json and TensorBoard scalars."""
+    """Runs one task's evaluation (the final one at train.steps) and writes RUN_DIR/evals/<task>/step_N.json and TensorBoard scalars."""
     from mtp_jax.evals.results import make_record, write_result
 
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    metrics, details = TASKS[task](cfg, mtp, params, tokenizer)
+    metrics, details = TASKS[task](cfg, mtp, params, tokenizer, step >= cfg.train.steps)
     record = make_record(task, step, metrics, details)
     write_result(run_dir, record)
     if cfg.train.tensorboard:

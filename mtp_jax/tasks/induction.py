@@ -10,6 +10,7 @@ is head 1's accuracy on that second token at repeated occurrences.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
 
 import numpy as np
@@ -107,6 +108,7 @@ TEST_STREAM = 9_000_001
 TRAIN_STREAM = 9_000_002
 
 
+@functools.lru_cache(maxsize=2)  # evaluations during training reuse it; callers only read
 def test_set(count: int) -> list[Story]:
     return [random_story(np.random.default_rng([TEST_STREAM, i])) for i in range(count)]
 

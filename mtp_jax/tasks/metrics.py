@@ -2,11 +2,8 @@
 
 Positions follow the loss's convention: head i's prediction at position t is for token t + i.
 
-Polynomial exact match is computed teacher-forced: the greedy answer equals the reference iff
-head 1's argmax is right at every answer position given the right prefix (greedy decoding would
-reproduce those argmaxes one by one, and departs at the first wrong one), so one forward pass
-gives the greedy exact match without a decoding loop. Per-coefficient accuracy is the
-teacher-forced accuracy of each answer digit, which keeps moving before exact match does.
+Polynomial answers are scored on head 1's greedy answer (tasks/evaluate.py `greedy_answers`):
+exact match of all five coefficients and the accuracy of each, as the paper's greedy evaluation.
 """
 
 from __future__ import annotations
@@ -29,9 +26,7 @@ def induction_counts(pred_NT: np.ndarray, tokens_T: np.ndarray, repeats: list[in
     return out
 
 
-def answer_scores(pred_T: np.ndarray, nll_T: np.ndarray, tokens_T: np.ndarray, start: int, length: int) -> tuple[bool, np.ndarray, float]:
-    """(exact match, per-answer-token correctness, mean answer-token loss) of the answer occupying
-    tokens [start, start + length): head 1's prediction at t - 1 is for token t."""
-    positions = np.arange(start - 1, start - 1 + length)
-    correct = pred_T[positions] == tokens_T[positions + 1]
-    return bool(correct.all()), correct, float(nll_T[positions].mean())
+def answer_scores(greedy_L: np.ndarray, reference_L: np.ndarray, nll_L: np.ndarray) -> tuple[bool, np.ndarray, float]:
+    """(exact match, per-token correctness, mean loss on the reference answer) of one greedy answer."""
+    correct = np.asarray(greedy_L) == np.asarray(reference_L)
+    return bool(correct.all()), correct, float(np.mean(nll_L))

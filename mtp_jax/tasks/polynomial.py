@@ -16,6 +16,7 @@ so composition appears in both orders. Values are computed while building, never
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -99,6 +100,7 @@ TEST_STREAM = 7_000_001  # fixed seed stream of the test sets (independent of da
 TRAIN_STREAM = 7_000_002
 
 
+@functools.lru_cache(maxsize=2)  # evaluations during training reuse it; callers only read
 def test_set(examples_per_m: int, max_ops: int) -> dict[int, list[Example]]:
     """The fixed test set: `examples_per_m` expressions for each m in 1..max_ops."""
     return {m: [random_example(np.random.default_rng([TEST_STREAM, m, i]), m) for i in range(examples_per_m)]
