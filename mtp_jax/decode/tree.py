@@ -28,6 +28,7 @@ from mtp_jax.decode.generate import (
     Progress, Result, Sampling, append, last_token, logits, run_decoder, sample_next, start,
 )
 from mtp_jax.decode.passes import Cache, later_heads, trunk_and_first_head
+from mtp_jax.model.heads import head_slice
 from mtp_jax.model.layers import KVCache
 from mtp_jax.model.transformer import MTP, Params
 
@@ -117,7 +118,7 @@ def _tree_decode(mtp: MTP, params: Params, cache: Cache, logits_BNV: jax.Array, 
         heads = cache["heads"]
         if heads is not None:  # head 1's cache is compacted; heads 2..k write along the path below
             heads = jax.tree.map(lambda full, first: full.at[:1].set(first), heads,
-                                 compact(jax.tree.map(lambda x: x[:1], heads), path_BK, start_B))
+                                 compact(head_slice(heads, slice(0, 1)), path_BK, start_B))
         cache = {"trunk": compact(cache["trunk"], path_BK, start_B), "heads": heads}
         z_BKD = jnp.take_along_axis(z_BTD, path_BK[..., None], axis=1)
         logits_BJV, cache = later_heads(mtp, params, cache, z_BKD, start_B[:, None] + jnp.arange(k), d_B, k)
