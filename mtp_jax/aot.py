@@ -135,9 +135,9 @@ def compile_train(cfg: Config, devices: list[Any]) -> tuple[Any, Any]:
 
 
 def compile_decode(built: Any, devices: list[Any], batch: int, context: int) -> dict[str, Any]:
-    """(compiled program, compile seconds) of the cached passes of decoding at `batch` sequences and `context` cache slots, parameters in
-    bfloat16 with the training shardings: the plain pass (one token, head 1) and the verify pass
-    (n tokens through every head), each donating its cache."""
+    """(compiled program, compile seconds) of the cached decoding passes at `batch` sequences and
+    `context` cache slots, parameters in bfloat16 with the training shardings: the plain pass (one
+    token, head 1) and the verify pass (n tokens through every head), each donating its cache."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -150,7 +150,7 @@ def compile_decode(built: Any, devices: list[Any], batch: int, context: int) -> 
                           fns.state_shardings["params"])
     rules = fns.rules
     batch_axes = sharding.logical_to_spec(("batch",), rules)[0]
-    split = batch_axes if batch % sharding._axis_size(fns.mesh, batch_axes) == 0 else None
+    split = batch_axes if batch % sharding.axis_size(fns.mesh, batch_axes) == 0 else None
     cache_sh = NamedSharding(fns.mesh, P(None, split))
     cache = jax.tree.map(lambda a: _abstract(a.shape, jnp.bfloat16, cache_sh),
                          jax.eval_shape(lambda: mtp.init_cache(batch, context, jnp.bfloat16)))
@@ -238,25 +238,39 @@ def advice(program: str, need: float, have: float, kind: str, cfg: Config) -> st
             f"(now {cfg.train.micro_batches}), or set model.remat=full (now {cfg.model.remat})")
 
 
+def write_executable(compiled: Any, path: Path) -> None:
+    """The serialized executable, written to a temporary sibling and renamed: never a partial file."""
+    from jax.experimental import serialize_executable
+
+    payload, _, _ = serialize_executable.serialize(compiled)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(payload)
+    tmp.replace(path)
+
+
 def run(cfg: Config, topology: str, slices: int = 1, decode: tuple[int, int] | None = None,
-        serialize: Path | None = None) -> list[Report]:
-    """Compiles the train step (and the decode passes) for the topology; the reports, train first."""
+        serialize: Path | None = None, train: bool = True) -> list[Report]:
+    """Compiles the train step (unless `train` is false) and the decode passes (when `decode` gives
+    their batch and context) for the topology; the reports, train first."""
+    from mtp_jax import platforms
     from mtp_jax.flops import model_flops_per_token
-    from mtp_jax.run import resolve_vocab
+    from mtp_jax.run import build, resolve_vocab
 
     devices = topology_devices(topology, slices)
     cfg = resolve_vocab(cfg, tokenizer_vocab(cfg))
-    start = time.perf_counter()
-    compiled, built = compile_train(cfg, devices)
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    reports = [report("train", compiled, topology, slices, devices,
-                      model_flops_per_token(cfg.model, cfg.train.seq_len) * tokens, time.perf_counter() - start)]
-    if serialize is not None:
-        from jax.experimental import serialize_executable
-
-        payload, _, _ = serialize_executable.serialize(compiled)
-        serialize.parent.mkdir(parents=True, exist_ok=True)
-        serialize.write_bytes(payload)
+    reports = []
+    if train:
+        start = time.perf_counter()
+        compiled, built = compile_train(cfg, devices)
+        tokens = cfg.train.batch_size * cfg.train.seq_len
+        reports.append(report("train", compiled, topology, slices, devices,
+                              model_flops_per_token(cfg.model, cfg.train.seq_len) * tokens, time.perf_counter() - start))
+        if serialize is not None:
+            write_executable(compiled, serialize)
+    else:
+        with platforms.compiling_for(devices[0].platform):
+            built = build(cfg, devices)
     if decode is not None:
         for name, (c, seconds) in compile_decode(built, devices, *decode).items():
             reports.append(report(name, c, topology, slices, devices, compile_s=seconds))
@@ -275,14 +289,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--decode-batch", type=int, default=32, help="sequences decoded at once (--decode)")
     ap.add_argument("--decode-context", type=int, default=2048, help="KV-cache slots per sequence (--decode)")
     ap.add_argument("--serialize", type=Path, help="write the compiled train executable to this file")
+    ap.add_argument("--skip-train", action="store_true", help="compile only the decode passes (with --decode)")
     args = ap.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.skip_train and (not args.decode or args.serialize):
+        raise UserError("--skip-train compiles only the decode passes: add --decode, and drop --serialize (it writes "
+                        "the train step)")
     if args.decode and (args.decode_batch < 1 or args.decode_context < cfg.model.mtp_heads + 1):
         raise UserError(f"--decode-batch {args.decode_batch} must be >= 1 and --decode-context "
                         f"{args.decode_context} >= {cfg.model.mtp_heads + 1}")
     try:
         reports = run(cfg, args.topology, args.slices, (args.decode_batch, args.decode_context) if args.decode else None,
-                      args.serialize)
+                      args.serialize, train=not args.skip_train)
     except DoesNotFit as err:
         print(json.dumps({"config": args.config, "overrides": args.overrides, "reports": [
             {"program": err.program, "topology": args.topology, "fits": False, "needed_gib": err.needed / GIB,

@@ -129,7 +129,7 @@ def logical_to_spec(axes: Axes, rules: dict[str, tuple[str, ...]]) -> P:
     return P(*spec)
 
 
-def _axis_size(mesh: Mesh, entry: Any) -> int:
+def axis_size(mesh: Mesh, entry: Any) -> int:
     if entry is None:
         return 1
     names = (entry,) if isinstance(entry, str) else entry
@@ -144,7 +144,7 @@ def param_shardings(
     def one(path: tuple, leaf: jax.ShapeDtypeStruct, axes: Axes) -> NamedSharding:
         spec = logical_to_spec(axes, rules)
         for dim, entry, name in zip(leaf.shape, spec, axes):
-            size = _axis_size(mesh, entry)
+            size = axis_size(mesh, entry)
             if dim % size:
                 where = "/".join(str(getattr(k, "key", k)) for k in path)
                 raise ConfigError(
@@ -161,7 +161,7 @@ def batch_sharding(mesh: Mesh, rules: dict[str, tuple[str, ...]]) -> NamedShardi
 
 
 def check_batch(batch_size: int, mesh: Mesh, rules: dict[str, tuple[str, ...]]) -> None:
-    size = _axis_size(mesh, logical_to_spec(("batch",), rules)[0])
+    size = axis_size(mesh, logical_to_spec(("batch",), rules)[0])
     if batch_size % size:
         raise ConfigError(
             f"train.batch_size={batch_size} (per micro-batch) is not divisible by the {size} batch-parallel devices; "
