@@ -494,6 +494,7 @@ def test_decoding_sees_the_contexts_training_sees(run_dir, cfg, mtp, models, cap
     train_V = jax.jit(mtp.forward)(params, tokens[None], None, segments[None])[0, 0, starts[1] + len(prompt) - 1]
     logits_BNV, _ = prefill(mtp, params, np.array([prompt]), np.array([len(prompt)]), slots=len(prompt) + 2 + N)
     np.testing.assert_allclose(np.asarray(logits_BNV[0, 0]), train_V, atol=1e-4)
+    assert capsys.readouterr().err.startswith("memory plan: ")  # printed before loading
     with pytest.raises(SystemExit) as exit_info:
         cli_main([str(run_dir), "--prompt", ""])
     err = capsys.readouterr().err
