@@ -193,14 +193,25 @@ class Checkpointer:
             )
         return None
 
-    def params_only(self) -> bool:
-        """True when the newest checkpoint holds parameters without optimizer state (mtp-convert's)."""
+    def _newest_metadata(self) -> Any | None:
+        """The newest checkpoint's state tree of array metadata (shapes, dtypes), read without the arrays."""
         step = self._manager.latest_step()
         if step is None:
-            return False
+            return None
         with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
-            saved = _shapes(handler.metadata(self.directory / str(step) / "state"))
-        return not any(key.startswith("opt_state") for key in saved)
+            return handler.metadata(self.directory / str(step) / "state")
+
+    def params_only(self) -> bool:
+        """True when the newest checkpoint holds parameters without optimizer state (mtp-convert's)."""
+        saved = self._newest_metadata()
+        return saved is not None and not any(key.startswith("opt_state") for key in _shapes(saved))
+
+    def params_dtype(self) -> str:
+        """The dtype the newest checkpoint holds its parameters in (the widest of them; float32 when there is none)."""
+        saved = self._newest_metadata()
+        leaves = jax.tree_util.tree_flatten_with_path(saved)[0] if saved is not None else []
+        dtypes = [np.dtype(leaf.dtype) for path, leaf in leaves if str(getattr(path[0], "key", path[0])) == "params"]
+        return max(dtypes, key=lambda d: d.itemsize, default=np.dtype(np.float32)).name
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

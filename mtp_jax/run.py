@@ -150,17 +150,64 @@ def read_config(run_dir: str | Path) -> Config:
 
 def restore_run(run_dir: str | Path, step: int | None = None) -> Restored:
     """Built objects, tokenizer, params and step of a run's newest (or given) checkpoint, on one local device.
-    Reads the parameters only (no optimizer state): what evaluation and decoding need."""
-    from mtp_jax.checkpoint import Checkpointer
-
+    Reads the parameters only (no optimizer state): what evaluation needs."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
     tokenizer = read_tokenizer(run_dir / "tokenizer")
     built = build(cfg, jax.local_devices()[:1])
+    step, params = _read_params(run_dir, cfg, built.fns.abstract_state["params"], step)
+    return Restored(built, tokenizer, params, step)
+
+
+class Loaded(NamedTuple):
+    cfg: Config
+    tokenizer: Any
+    mtp: MTP
+    params: Any
+    step: int
+
+
+def checkpoint_dtype(run_dir: str | Path) -> str:
+    """The dtype the run's newest checkpoint holds its parameters in."""
+    from mtp_jax.checkpoint import Checkpointer
+
+    cfg = read_config(run_dir)
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", cfg.train.keep_checkpoints, 1, async_save=False, read_only=True)
+    try:
+        return ckpt.params_dtype()
+    finally:
+        ckpt.close()
+
+
+def restore_inference(run_dir: str | Path, step: int | None = None, dtype: str | None = None,
+                      devices: int = 1) -> Loaded:
+    """What decoding needs from a run: the parameters in `dtype` (default: the checkpoint's), split over
+    the first `devices` local devices (an fsdp mesh). A given `dtype` is the compute dtype too, so the
+    KV cache is held in it."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+    tokenizer, mtp, stored = read_tokenizer(run_dir / "tokenizer"), MTP(cfg.model), dtype or checkpoint_dtype(run_dir)
+    mesh = sharding.make_mesh(dataclasses.replace(cfg.mesh, data=1, fsdp=devices, tensor=1, dcn_data=1, dcn_fsdp=1),
+                              jax.local_devices()[:devices])
+    abstract = mtp.abstract_params()
+    shardings = sharding.param_shardings(abstract, mtp.logical_axes(), mesh, sharding.rules_dict(cfg.mesh.rules))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, stored, sharding=s),
+                          abstract, shardings)
+    step, params = _read_params(run_dir, cfg, target, step)
+    return Loaded(cfg, tokenizer, mtp, params, step)
+
+
+def _read_params(run_dir: Path, cfg: Config, abstract_params: Any, step: int | None) -> tuple[int, Any]:
+    """(step, params) of the newest (or given) checkpoint, read as `abstract_params` says (dtype, sharding);
+    refuses non-finite weights."""
+    from mtp_jax.checkpoint import Checkpointer
+
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, 1, async_save=False, read_only=True)
     try:
-        restored = ckpt.restore({"params": built.fns.abstract_state["params"]}, step=step, partial=True)
+        restored = ckpt.restore({"params": abstract_params}, step=step, partial=True)
     finally:
         ckpt.close()
     if restored is None:
@@ -169,10 +216,10 @@ def restore_run(run_dir: str | Path, step: int | None = None) -> Restored:
     if not all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(params)):
         raise DivergenceError(f"checkpoint step {restored[0]} in {run_dir} holds non-finite weights (the run diverged); "
                               f"move that step's folder away to use the one before it")
-    return Restored(built, tokenizer, params, restored[0])
+    return restored[0], params
 
 
-def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Config, Any, MTP, Any]:
-    """(config, tokenizer, model, params): what decoding needs from a run."""
-    run = restore_run(run_dir, step)
-    return run.built.cfg, run.tokenizer, run.built.mtp, run.params
+def load_run(run_dir: str | Path, step: int | None = None, dtype: str | None = None,
+             devices: int = 1) -> tuple[Config, Any, MTP, Any]:
+    """(config, tokenizer, model, params): `restore_inference` without the step."""
+    return restore_inference(run_dir, step, dtype, devices)[:4]

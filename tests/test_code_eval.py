@@ -18,7 +18,8 @@ from mtp_jax.cli import eval_main
 from mtp_jax.data.tokenizer import ByteTokenizer, encode_prompt
 from mtp_jax.evals.code import benchmarks
 from mtp_jax.evals.code.cli import ModelDecoder
-from mtp_jax.evals.code.evaluate import Settings, evaluate, read_samples, samples_path
+from mtp_jax.evals.code.evaluate import (Settings, decoder_calls, estimate_line, estimated_seconds, evaluate,
+                                         read_samples, samples_path)
 from mtp_jax.evals.code.sandbox import Sandbox
 from mtp_jax.evals.results import read_results
 from mtp_jax.model.transformer import MTP
@@ -168,3 +169,39 @@ def test_cli_on_a_trained_run(tmp_path):
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(metrics) >= {"pass@1", "pass@2", "pass@1/ci90_low", "pass@1/temperature"}
     assert read_results(tmp_path, "humaneval")[0]["metrics"] == metrics and "humaneval" in done.stderr  # progress bar
+
+
+def test_time_estimate_counts_decoding_calls_by_hand() -> None:
+    """The paper's HumanEval protocol at --rows 32: 200 samples make one problem per batch in 7 calls
+    (6 x 32 + 8), greedy makes batches of 32 problems in one call each (5 x 32 + 4: 6 calls)."""
+    settings = Settings("humaneval", samples=200, temperatures=(0.1, 0.4, 0.8, 0.0), rows=32)
+    assert decoder_calls(164, 200, 32) == 164 * 7 and decoder_calls(164, 1, 32) == 6
+    assert decoder_calls(164, 10, 32) == 55  # 3 problems (30 sequences) per call: ceil(164 / 3)
+    todo = {0.1: 164, 0.4: 164, 0.8: 164, 0.0: 164}
+    assert estimated_seconds(2.0, todo, settings) == 2.0 * (3 * 164 * 7 + 6)
+    assert estimated_seconds(2.0, {0.1: 0, 0.4: 10, 0.8: 164, 0.0: 0}, settings) == 2.0 * (10 + 164) * 7
+    assert "about 1.9 h (an estimate" in estimate_line(2.0, todo, settings)
+
+
+def test_estimate_is_reported_once_after_the_second_batch(sandbox, tmp_path):
+    lines: list[str] = []
+    settings = Settings("humaneval", samples=2, temperatures=(0.8,), ks=(1,), limit=3, rows=2)  # 3 batches
+    evaluate(tmp_path, 1, settings, scripted("humaneval", 3), ByteTokenizer(), sandbox, report=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("estimated time left: about ") and "an estimate" in lines[0]
+
+
+def test_model_decoder_calls_hold_at_most_rows_sequences():
+    """More prompts than --rows take several calls of rows + 1 sequences (the padding row), each its own seed."""
+    calls = []
+
+    class Result:
+        def __init__(self, prompts):
+            self.prompts = prompts
+
+        def completions(self):
+            return [[p[0]] for p in self.prompts]
+
+    decoder = ModelDecoder(None, None, rows=2, bucket=4)
+    decoder.decode = lambda mtp, params, prompts, seed, **kw: calls.append((len(prompts), seed)) or Result(prompts)
+    out = decoder([[i, 9] for i in range(5)], max_new_tokens=3, sampling=None, seed=10, stop_tokens=[0])
+    assert out == [[i] for i in range(5)] and calls == [(3, 10), (3, 11), (3, 12)]

@@ -463,7 +463,8 @@ def test_cli_missing_run_dir(tmp_path, capsys):
 def test_cli_prints_completion_and_stats(run_dir, cfg, mtp, models, capsys, monkeypatch):
     import mtp_jax.run
 
-    monkeypatch.setattr(mtp_jax.run, "load_run", lambda _: (cfg, Letters(), mtp, models["trained"]))
+    monkeypatch.setattr(mtp_jax.run, "load_run", lambda *_, **__: (cfg, Letters(), mtp, models["trained"]))
+    monkeypatch.setattr(mtp_jax.run, "read_tokenizer", lambda _: Letters())
     assert cli_main([str(run_dir), "--prompt", "abcde", "--speculative", "3", "--max-new-tokens", str(MAX_NEW)]) == 0
     completion, stats = capsys.readouterr().out.splitlines()
     prompt = Letters().encode("abcde")  # a document start, nothing before it
@@ -482,7 +483,8 @@ def test_decoding_sees_the_contexts_training_sees(run_dir, cfg, mtp, models, cap
 
     gen = importlib.import_module("mtp_jax.decode.generate")  # the package exports a function of that name
     params, seen, real = models["trained"], [], gen.generate
-    monkeypatch.setattr(mtp_jax.run, "load_run", lambda _: (cfg, Letters(), mtp, params))
+    monkeypatch.setattr(mtp_jax.run, "load_run", lambda *_, **__: (cfg, Letters(), mtp, params))
+    monkeypatch.setattr(mtp_jax.run, "read_tokenizer", lambda _: Letters())
     monkeypatch.setattr(gen, "generate", lambda m, p, prompts, **kw: seen.append(prompts) or real(m, p, prompts, **kw))
     assert cli_main([str(run_dir), "--prompt", "abcde", "--max-new-tokens", "2"]) == 0
     prompt = Letters().encode("abcde")
@@ -492,6 +494,7 @@ def test_decoding_sees_the_contexts_training_sees(run_dir, cfg, mtp, models, cap
     train_V = jax.jit(mtp.forward)(params, tokens[None], None, segments[None])[0, 0, starts[1] + len(prompt) - 1]
     logits_BNV, _ = prefill(mtp, params, np.array([prompt]), np.array([len(prompt)]), slots=len(prompt) + 2 + N)
     np.testing.assert_allclose(np.asarray(logits_BNV[0, 0]), train_V, atol=1e-4)
+    assert capsys.readouterr().err.startswith("memory plan: ")  # printed before loading
     with pytest.raises(SystemExit) as exit_info:
         cli_main([str(run_dir), "--prompt", ""])
     err = capsys.readouterr().err

@@ -21,8 +21,7 @@ import pytest
 from test_train import ROOT, TINY, checkpoint_steps, finish, mtp_train
 
 from mtp_jax import lock
-from mtp_jax.decode.cli import check_budget, decode_bytes
-from mtp_jax.errors import EXIT_DIVERGED, EXIT_USER, DivergenceError, UserError
+from mtp_jax.errors import EXIT_DIVERGED, EXIT_USER, DivergenceError
 from mtp_jax.metrics import DivergenceGuard
 from mtp_jax.run import build, resolve_vocab
 from mtp_jax.step import keep_if_finite
@@ -264,19 +263,6 @@ def test_read_only_commands_refuse_non_finite_weights(cmd: list[str], diverged, 
         f"error: checkpoint step 100 in {run} holds non-finite weights (the run diverged); move that step's folder "
         f"away to use the one before it"], done.stderr[-3000:]
     assert "Traceback" not in done.stderr and done.stdout == "" and tree_listing(run) == before
-
-
-def test_decode_memory_budget_and_context_warning(tiny, capsys) -> None:
-    cfg = resolve_vocab(tiny(), 64)
-    m = cfg.model
-    need = decode_bytes(cfg, 100, 28)
-    slots = 100 + 28 + m.mtp_heads  # independent count: k and v per block, float32
-    assert need["kv_cache"] == 2 * m.n_layers * slots * m.kv_heads_ * m.head_dim_ * 4
-    total = sum(need.values())
-    with pytest.raises(UserError, match=r"100-token prompt plus --max-new-tokens 28 needs about"):
-        check_budget(cfg, 100, 28, total - 1)
-    check_budget(cfg, 100, 28, total)
-    assert "exceeds the trained context train.seq_len=16" in capsys.readouterr().err
 
 
 @pytest.mark.slow

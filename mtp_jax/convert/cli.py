@@ -220,10 +220,9 @@ def to_hf(run_dir: Path, out: Path) -> ModelConfig:
 
 def change_heads(run_dir: Path, new_dir: Path, keep: int | None, add: int | None) -> ModelConfig:
     """`mtp-convert heads`: the newest checkpoint's parameters with heads dropped or added, as a new run."""
-    from mtp_jax.run import load_run, read_config
+    from mtp_jax.run import load_run
 
-    _, tokenizer, _, params = load_run(run_dir)
-    config = read_config(run_dir)  # as trained (load_run narrows the mesh to one device)
+    config, tokenizer, _, params = load_run(run_dir)  # the config as trained
     n_new = new_head_count(config.model.mtp_heads, keep, add)
     cfg, notes = resized_config(config, n_new, str(new_dir))
     params = {k: _numpy_tree(v) for k, v in params.items()}

@@ -7,18 +7,20 @@ across). With no --prompt, documents start with DEFAULT_PROMPT, how most Python 
 prompt must encode to at least one token. The completion printed is exactly the text that follows
 the prompt (`completion_text`).
 
-Flags are checked before anything loads, and `--speculative K` against the run's head count
-before the checkpoint is restored, so every mistake is one `error: ...` line and exit code 2.
+Flags are checked before anything loads, and `--speculative K` and the memory plan
+(`decode/memory.py`: parameters in --dtype, KV cache, working set) before the checkpoint is
+restored, so every mistake is one `error: ...` line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
+from pathlib import Path
 
 from mtp_jax.config import Config
+from mtp_jax.decode.memory import add_dtype_argument
 from mtp_jax.errors import ArgParser, ConfigError, guarded
 from mtp_jax.interrupts import interruptible
 
@@ -37,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, default=0, help="0 = off")
     ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     ap.add_argument("--seed", type=int, default=0)
+    add_dtype_argument(ap)
     return ap
 
 
@@ -56,37 +59,11 @@ def _check(args: argparse.Namespace) -> None:
     Sampling(args.temperature, args.top_k, args.top_p).check()
 
 
-def decode_bytes(cfg: Config, prompt_len: int, new_tokens: int) -> dict[str, int]:
-    """Bytes decoding needs beyond the weights: KV caches of every block (float32 upper bound) and the
-    prefill's attention scores (every head, prompt x cache slots)."""
-    m = cfg.model
-    slots = prompt_len + new_tokens + m.mtp_heads
-    return {"kv_cache": 2 * m.n_layers * slots * m.kv_heads_ * m.head_dim_ * 4,
-            "prefill_attention": m.attn_heads * prompt_len * slots * 4}
-
-
-def check_budget(cfg: Config, prompt_len: int, new_tokens: int, available: int) -> None:
-    """Refuses up front what cannot fit in memory; past the trained context is only a warning
-    (few-shot evaluation prompts are long)."""
-    need = decode_bytes(cfg, prompt_len, new_tokens)
-    if sum(need.values()) > available:
-        parts = ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.1f} GiB" for k, v in need.items())
-        raise ConfigError(
-            f"a {prompt_len}-token prompt plus --max-new-tokens {new_tokens} needs about "
-            f"{sum(need.values()) / 2**30:.1f} GiB ({parts}) but {available / 2**30:.1f} GiB is available; "
-            f"shorten the prompt or lower --max-new-tokens"
-        )
+def warn_past_context(cfg: Config, prompt_len: int, new_tokens: int) -> None:
+    """Past the trained context is only a warning (few-shot evaluation prompts are long)."""
     if prompt_len + new_tokens > cfg.train.seq_len:
         print(f"warning: prompt ({prompt_len} tokens) + --max-new-tokens {new_tokens} exceeds the trained context "
               f"train.seq_len={cfg.train.seq_len}; tokens past it are extrapolation", file=sys.stderr, flush=True)
-
-
-def _memory_bytes() -> int:
-    """The first local device's memory limit, or the host's RAM on CPU (which reports none)."""
-    import jax
-
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return int(stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 @guarded
@@ -96,19 +73,24 @@ def main(argv: list[str]) -> int:
     _check(args)
     from mtp_jax.data.tokenizer import completion_text, document_start, encode_prompt
     from mtp_jax.decode.generate import Sampling, generate
+    from mtp_jax.decode.memory import plan_run
     from mtp_jax.decode.speculative import speculative_generate
-    from mtp_jax.run import load_run, read_config
+    from mtp_jax.run import load_run, read_config, read_tokenizer
 
     cfg = read_config(args.run_dir)
     heads = cfg.model.mtp_heads
     if args.speculative > heads:
         raise ConfigError(f"--speculative {args.speculative} exceeds the run's {heads} heads; use 1..{heads}")
-    _, tokenizer, mtp, params = load_run(args.run_dir)
+    tokenizer = read_tokenizer(Path(args.run_dir) / "tokenizer")
     prompt = encode_prompt(tokenizer, args.prompt)  # a document start, as in training
     if len(prompt) == len(document_start(tokenizer)):
         raise ConfigError(f"--prompt {args.prompt!r} encodes to no tokens; give the start of a document, "
                           f"e.g. --prompt '{DEFAULT_PROMPT}'")
-    check_budget(cfg, len(prompt), args.max_new_tokens, _memory_bytes())  # before decoding allocates anything
+    plan = plan_run(args.run_dir, args.dtype, 1, len(prompt), len(prompt) + args.max_new_tokens + heads,
+                    fix="load with --dtype bfloat16, shorten the prompt or lower --max-new-tokens")
+    print(plan.describe(), file=sys.stderr, flush=True)
+    warn_past_context(cfg, len(prompt), args.max_new_tokens)
+    _, _, mtp, params = load_run(args.run_dir, dtype=args.dtype, devices=plan.devices)
     decode = functools.partial(speculative_generate, k=args.speculative) if args.speculative else generate
     result = decode(mtp, params, [prompt], max_new_tokens=args.max_new_tokens, seed=args.seed,
                     sampling=Sampling(args.temperature, args.top_k, args.top_p), stop_tokens=[tokenizer.eot_id])

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from typing import Sequence
 
+from mtp_jax.decode.memory import add_dtype_argument
 from mtp_jax.errors import UserError
 
 TASKS = ("humaneval", "mbpp")
+BUCKET = 128  # prompt lengths are padded to a multiple of this, so few lengths compile
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -24,9 +27,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     group.add_argument("--limit", type=int, default=None, help="only the first P problems")
     group.add_argument("--max-new-tokens", type=int, default=0, help="0 = the benchmark's default (256)")
     group.add_argument("--speculative", type=int, default=0, metavar="K", help="self-speculative decoding with heads 1..K")
-    group.add_argument("--rows", type=int, default=32, help="sequences per decoding call")
+    group.add_argument("--rows", type=int, default=32, help="sequences per decoding call (the memory plan's batch)")
     group.add_argument("--workers", type=int, default=0, help="programs run at once (0 = every core)")
     group.add_argument("--seed", type=int, default=0)
+    add_dtype_argument(group)
     group.add_argument("--sandbox-python", default=None, help="interpreter the programs run with (default: the first "
                        "of this Python, its base and /usr/bin/python3 that the sandbox's unprivileged user can start)")
 
@@ -52,10 +56,11 @@ def settings_from(args: argparse.Namespace):
 
 class ModelDecoder:
     """The KV-cached decoder over a model's parameters (`Decoder`), in fixed shapes so one
-    compilation serves many calls: rows padded to `rows`, prompt length to a multiple of
+    compilation serves many calls: at most `rows` sequences per call (more prompts take more
+    calls, each with its own seed), padded to `rows` and their prompt length to a multiple of
     `bucket` by one extra all-EOT row (its output is dropped)."""
 
-    def __init__(self, mtp, params, speculative: int = 0, rows: int = 32, bucket: int = 128):
+    def __init__(self, mtp, params, speculative: int = 0, rows: int = 32, bucket: int = BUCKET):
         from mtp_jax.decode.generate import generate
         from mtp_jax.decode.speculative import speculative_generate
 
@@ -64,22 +69,46 @@ class ModelDecoder:
 
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling, seed: int,
                  stop_tokens: Sequence[int]) -> list[list[int]]:
+        chunks = [prompts[i : i + self.rows] for i in range(0, len(prompts), self.rows)]
+        return [out for i, chunk in enumerate(chunks)
+                for out in self._call(chunk, max_new_tokens, sampling, seed + i, stop_tokens)]
+
+    def _call(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling, seed: int,
+              stop_tokens: Sequence[int]) -> list[list[int]]:
         eot = stop_tokens[0]
-        longest = -(-max(len(p) for p in prompts) // self.bucket) * self.bucket
-        filler = [[eot] * longest] * (max(self.rows, len(prompts)) + 1 - len(prompts))
+        longest = padded_length(max(len(p) for p in prompts), self.bucket)
+        filler = [[eot] * longest] * (self.rows + 1 - len(prompts))
         result = self.decode(self.mtp, self.params, [*prompts, *filler], max_new_tokens=max_new_tokens,
                              sampling=sampling, seed=seed, stop_tokens=stop_tokens)
         return result.completions()[: len(prompts)]
 
 
+def padded_length(prompt_len: int, bucket: int = BUCKET) -> int:
+    return -(-prompt_len // bucket) * bucket
+
+
+def memory_plan(args: argparse.Namespace, settings, tokenizer, heads: int):
+    """The memory plan of the longest prompt (padded as `ModelDecoder` pads it) in a full call."""
+    from mtp_jax.data.tokenizer import encode_prompt
+    from mtp_jax.decode.memory import plan_run
+    from mtp_jax.evals.code.benchmarks import load
+
+    longest = max(len(encode_prompt(tokenizer, p.prompt)) for p in load(settings.task, settings.limit))
+    prompt_len = padded_length(longest)
+    return plan_run(args.run_dir, args.dtype, settings.rows + 1, prompt_len, prompt_len + settings.new_tokens + heads,
+                    fix="load with --dtype bfloat16, lower --rows or --max-new-tokens")
+
+
 def run_task(args: argparse.Namespace) -> dict:
     """Evaluates the run's newest checkpoint on a code task; prints and returns the record."""
     settings = settings_from(args)
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from mtp_jax.evals.code.evaluate import evaluate
     from mtp_jax.evals.code.sandbox import Sandbox
-    from mtp_jax.run import read_config, restore_run
+    from mtp_jax.run import read_config, read_tokenizer, restore_inference
 
     heads = read_config(args.run_dir).model.mtp_heads
     if args.speculative > heads:
@@ -87,8 +116,11 @@ def run_task(args: argparse.Namespace) -> dict:
     from mtp_jax.evals.code.benchmarks import load
 
     total = sum(settings.samples_at(t) for t in settings.temperatures) * len(load(settings.task, settings.limit))
-    run = restore_run(args.run_dir)
-    decoder = ModelDecoder(run.built.mtp, run.params, settings.speculative, settings.rows)
+    plan = memory_plan(args, settings, read_tokenizer(Path(args.run_dir) / "tokenizer"), heads)
+    print(plan.describe(), file=sys.stderr, flush=True)
+    run = restore_inference(args.run_dir, dtype=args.dtype, devices=plan.devices)
+    decoder = ModelDecoder(run.mtp, run.params, settings.speculative, settings.rows)
     with Sandbox(workers=args.workers or None, python=args.sandbox_python) as sandbox, tqdm(total=total, desc=settings.task, unit="sample") as bar:
-        record = evaluate(args.run_dir, run.step, settings, decoder, run.tokenizer, sandbox, bar.update)
+        record = evaluate(args.run_dir, run.step, settings, decoder, run.tokenizer, sandbox, bar.update,
+                          lambda line: tqdm.write(line, file=sys.stderr))
     return record

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -92,17 +93,41 @@ def read_samples(path: Path) -> dict[tuple[str, float], list[dict]]:
     return units
 
 
+def decoder_calls(problems: int, n: int, rows: int) -> int:
+    """Decoding calls `sample_units` makes for `problems` problems of n samples each: batches of
+    max(1, rows // n) problems, each batch's n x problems sequences in calls of at most `rows`."""
+    per_batch = max(1, rows // n)
+    return sum(-(-min(per_batch, problems - start) * n // rows) for start in range(0, problems, per_batch))
+
+
+def estimated_seconds(call_s: float, todo: dict[float, int], settings: Settings) -> float:
+    """Time left for the problems `todo` at each temperature, at `call_s` seconds per decoding call
+    (decoding plus running the programs), each call a full batch of `settings.rows` sequences."""
+    return call_s * sum(decoder_calls(p, settings.samples_at(t), settings.rows) for t, p in todo.items())
+
+
+def estimate_line(call_s: float, todo: dict[float, int], settings: Settings) -> str:
+    hours = estimated_seconds(call_s, todo, settings) / 3600
+    return (f"estimated time left: about {hours:.1f} h (an estimate: {call_s:.1f} s per call of {settings.rows} "
+            f"sequences, timed on the first batch after compilation)")
+
+
 def sample_units(problems: Sequence[benchmarks.Problem], settings: Settings, decoder: Decoder, tokenizer,
-                 sandbox: Sandbox, path: Path, progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Generates, runs and records every unit not on file yet; returns all units' samples."""
+                 sandbox: Sandbox, path: Path, progress: Callable[[int], None] = lambda n: None,
+                 report: Callable[[str], None] = lambda line: None) -> dict:
+    """Generates, runs and records every unit not on file yet; returns all units' samples.
+    `report` gets the estimated time left once the second batch (the first after compilation) ran."""
     done = {unit: rows[-settings.samples_at(unit[1]):] for unit, rows in read_samples(path).items()
             if len(rows) >= settings.samples_at(unit[1])}
+    todo = {t: sum((p.task_id, t) not in done for p in problems) for t in settings.temperatures}
+    batches = 0
     for t in settings.temperatures:
-        todo = [p for p in problems if (p.task_id, t) not in done]
+        pending = [p for p in problems if (p.task_id, t) not in done]
         progress(sum(settings.samples_at(t) for p in problems if (p.task_id, t) in done))
         per_call = max(1, settings.rows // settings.samples_at(t))
-        for start in range(0, len(todo), per_call):
-            batch = todo[start : start + per_call]
+        for start in range(0, len(pending), per_call):
+            batch = pending[start : start + per_call]
+            began = time.perf_counter()
             rows = run_batch(batch, t, settings, decoder, tokenizer, sandbox)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
@@ -112,6 +137,11 @@ def sample_units(problems: Sequence[benchmarks.Problem], settings: Settings, dec
             for row in rows:
                 done.setdefault((row["task_id"], t), []).append(row)
             progress(len(rows))
+            todo[t] -= len(batch)
+            batches += 1
+            if batches == 2 and any(todo.values()):
+                calls = decoder_calls(len(batch), settings.samples_at(t), settings.rows)
+                report(estimate_line((time.perf_counter() - began) / calls, todo, settings))
     return done
 
 
@@ -167,14 +197,14 @@ def score(problems: Sequence[benchmarks.Problem], units: dict, settings: Setting
 
 
 def evaluate(run_dir: str | Path, step: int, settings: Settings, decoder: Decoder, tokenizer, sandbox: Sandbox,
-             progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Samples, runs and scores; writes and returns the evaluation record."""
+             progress: Callable[[int], None] = lambda n: None, report: Callable[[str], None] = lambda line: None) -> dict:
+    """Samples, runs and scores; writes and returns the evaluation record (`report`: the time estimate)."""
     settings.check()
     problems = benchmarks.load(settings.task, settings.limit)
     if not any(k <= settings.samples_at(t) for k in settings.ks for t in settings.temperatures):
         raise UserError(f"every --k {settings.ks} exceeds --samples {settings.samples}; use k <= samples")
     path = samples_path(run_dir, settings, step)
-    units = sample_units(problems, settings, decoder, tokenizer, sandbox, path, progress)
+    units = sample_units(problems, settings, decoder, tokenizer, sandbox, path, progress, report)
     metrics, details = score(problems, units, settings)
     details.update(settings=dataclasses.asdict(settings) | {"max_new_tokens": settings.new_tokens},
                    samples_file=path.name, sandbox=sandbox.describe(), stop_strings=list(problems[0].stops))
