@@ -26,31 +26,64 @@ from mtp_jax.config import Config, load_config
 from mtp_jax.errors import ArgParser, UserError, guarded
 
 GIB = 2**30
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip, the vendor's data sheets
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per TPU chip, the vendor's data sheets
+GPU_SPECS = Path(__file__).parent / "gpu_specs"  # XLA target descriptions: <chip>.txtpb
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 
 
+def gpu_chips() -> list[str]:
+    return sorted(p.stem for p in GPU_SPECS.glob("*.txtpb"))
+
+
+def hbm_bytes(topology: str) -> int:
+    """Memory of one device of the topology: the TPU chip's data sheet, or the GPU description's."""
+    chip = topology.split(":", 1)[0]
+    if chip in HBM_GIB:
+        return HBM_GIB[chip] * GIB
+    found = re.search(r"device_memory_size:\s*(\d+)", (GPU_SPECS / f"{chip}.txtpb").read_text())
+    return int(found.group(1))
+
+
+def _check_name(name: str) -> tuple[str, str]:
+    chip, _, shape = name.partition(":")
+    if chip in gpu_chips() and shape.isdigit() and int(shape) >= 1:
+        return chip, shape
+    if chip not in HBM_GIB or not shape:
+        raise UserError(f"--topology {name!r} is not a topology name; use CHIP:SHAPE, a TPU slice (CHIP one of "
+                        f"{', '.join(HBM_GIB)}, e.g. v5p:2x2x2, v5e:4x4) or GPUs of one host "
+                        f"({', '.join(f'{g}:8' for g in gpu_chips())})")
+    return chip, shape
+
+
 def topology_devices(name: str, slices: int = 1) -> list[Any]:
-    """The compile-only devices of TPU topology `name` (e.g. v5p:2x2x2) times `slices` slices."""
-    chip = name.split(":", 1)[0]
-    if chip not in HBM_GIB or ":" not in name:
-        raise UserError(f"--topology {name!r} is not a TPU topology name; use CHIP:SHAPE with CHIP one of "
-                        f"{', '.join(HBM_GIB)}, e.g. v5p:2x2x2, v5e:4x4, v6e:4x4, v4:2x2x2")
+    """The compile-only devices of TPU topology `name` (e.g. v5p:2x2x2) times `slices` slices, or of
+    one host's GPUs (e.g. h100:8, described by gpu_specs/<chip>.txtpb)."""
+    chip, shape = _check_name(name)
     if slices < 1:
         raise UserError(f"--slices {slices} must be >= 1")
     from mtp_jax import platforms
 
-    platforms.compile_only_tpu()
+    gpu = chip not in HBM_GIB
+    if gpu and slices > 1:
+        raise UserError(f"--slices {slices}: GPU topologies describe one host; use --slices 1")
+    platforms.compile_only_gpu() if gpu else platforms.compile_only_tpu()
     try:
         from jax.experimental import topologies
 
+        if gpu:
+            spec = (GPU_SPECS / f"{chip}.txtpb").read_text()
+            return list(topologies.get_topology_desc(platform="cuda", topology_name=name, topology=f"1x1x{shape}",
+                                                     target_config=spec).devices)
         extra = {"num_slices": slices} if slices > 1 else {}
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices)
-    except Exception as err:  # noqa: BLE001 - libtpu's errors are runtime errors with a message
+    except Exception as err:  # noqa: BLE001 - the compilers' errors are runtime errors with a message
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if gpu and ("Unknown backend" in first or "cuda" in first.lower() and "plugin" in first.lower()):
+            raise UserError(f"cannot load the GPU compiler ({first}); install JAX's CUDA plugin: "
+                            f"pip install -e '.[gpu]'") from None
         if "libtpu" in first.lower() or "Unknown backend" in first or "not found" in first.lower():
             raise UserError(f"cannot load the TPU compiler ({first}); install it with pip install -e '.[tpu]'") from None
-        raise UserError(f"--topology {name!r} was refused by the TPU compiler ({first}); use a shape this chip "
+        raise UserError(f"--topology {name!r} was refused by the compiler ({first}); use a shape this chip "
                         f"comes in, e.g. v5p:2x2x2 or v5e:4x4") from None
 
 
@@ -216,7 +249,7 @@ def report(program: str, compiled: Any, topology: str, slices: int, devices: lis
            compile_s: float = 0.0) -> Report:
     c = cost(compiled)
     return Report(program=program, topology=topology, slices=slices, device_kind=devices[0].device_kind,
-                  devices=len(devices), memory=memory(compiled), hbm_bytes=HBM_GIB[topology.split(":")[0]] * GIB,
+                  devices=len(devices), memory=memory(compiled), hbm_bytes=hbm_bytes(topology),
                   compiler_flops=c["flops"] * len(devices), compiler_estimate_s=c["seconds"],
                   model_flops=model_flops, compile_s=compile_s)
 
@@ -283,7 +316,8 @@ def main(argv: list[str]) -> int:
                    "topology on this host: per-device memory against HBM, the compiler's FLOPs and time estimate.")
     ap.add_argument("config", help="experiment YAML, e.g. experiments/paper/6.7b_n4.yaml")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. mesh.fsdp=-1 train.micro_batches=2")
-    ap.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x8, v5e:4x4, v6e:4x4, v4:2x2x2")
+    ap.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x8, v5e:4x4, v6e:4x4, v4:2x2x2; "
+                    "or one host's GPUs, e.g. h100:8 (needs the gpu extra)")
     ap.add_argument("--slices", type=int, default=1, help="slices of that topology over DCN (set mesh.dcn_*)")
     ap.add_argument("--decode", action="store_true", help="also compile the plain and verify decoding passes")
     ap.add_argument("--decode-batch", type=int, default=32, help="sequences decoded at once (--decode)")
@@ -304,9 +338,9 @@ def main(argv: list[str]) -> int:
     except DoesNotFit as err:
         print(json.dumps({"config": args.config, "overrides": args.overrides, "reports": [
             {"program": err.program, "topology": args.topology, "fits": False, "needed_gib": err.needed / GIB,
-             "hbm_gib": HBM_GIB[args.topology.split(":")[0]], "compiler_refused": str(err)}]}))
-        chip = args.topology.split(":")[0]
-        raise UserError(advice(err.program, err.needed, HBM_GIB[chip] * GIB, f"TPU {chip}", cfg)) from None
+             "hbm_gib": hbm_bytes(args.topology) / GIB, "compiler_refused": str(err)}]}))
+        raise UserError(advice(err.program, err.needed, hbm_bytes(args.topology), args.topology.split(":")[0],
+                               cfg)) from None
     print(f"{args.topology} x {args.slices} slice(s): {reports[0].devices} x {reports[0].device_kind}; "
           f"times are the compiler's estimates, not measurements")
     print(table(reports))

@@ -48,16 +48,23 @@ def _has_tpu_chips() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-def quiet_without_tpu() -> None:
-    """With libtpu installed (the `tpu` extra, for ahead-of-time compilation) on a host with no TPU
-    and no GPU plugin, JAX would try to start the TPU runtime at every start and print its failure;
-    select the CPU backend instead. An explicit JAX_PLATFORMS, a TPU host or a GPU plugin is left alone.
-    Compilation for a TPU topology (`jax.experimental.topologies`) works either way."""
-    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+def _has_nvidia_gpus() -> bool:
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")
+
+
+def quiet_without_accelerator() -> None:
+    """With libtpu or JAX's CUDA plugin installed (the `tpu` / `gpu` extras, for ahead-of-time
+    compilation) on a host without that accelerator, JAX would try to start its runtime at every
+    start and print the failure; select the CPU backend instead. An explicit JAX_PLATFORMS, or a
+    host with the accelerator, is left alone. Compiling for a topology works either way."""
+    if "JAX_PLATFORMS" in os.environ:
         return
-    if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
-        return
-    if _has_tpu_chips():
+    tpu = importlib.util.find_spec("libtpu") is not None
+    cuda = any(importlib.util.find_spec(p) for p in CUDA_PLUGINS)
+    if (tpu and _has_tpu_chips()) or (cuda and _has_nvidia_gpus()) or not (tpu or cuda):
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -66,6 +73,12 @@ def quiet_without_tpu() -> None:
 # accelerator type serves: a compile-only topology describes its chips itself.
 _COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
                      "TPU_ACCELERATOR_TYPE": "v5p-8", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+def compile_only_gpu() -> None:
+    """Lets JAX's CUDA plugin load for compile-only devices on a host with no GPU (no driver to check)."""
+    if not _has_nvidia_gpus():
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
 def compile_only_tpu() -> None:
