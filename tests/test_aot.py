@@ -4,6 +4,7 @@ one-line refusals; a quiet start on a host with libtpu but no TPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -99,3 +100,15 @@ def test_cpu_host_with_libtpu_starts_quietly():
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "cpu"
     assert proc.stderr == "", proc.stderr
+
+
+@pytest.mark.skipif(not any(__import__("importlib").util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")),
+                    reason="deviceless GPU compilation needs JAX's CUDA plugin (the gpu extra)")
+def test_gpu_host_compiles_without_a_gpu():
+    proc = compile_cli("experiments/quickstart.yaml", "--topology", "h100:8", *TINY[:6], "model.dtype=bfloat16",
+                       "mesh.data=1", "mesh.fsdp=-1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    train = json.loads(proc.stdout.strip().splitlines()[-1])["reports"][0]
+    assert train["devices"] == 8 and "H100" in train["device_kind"]
+    state = 3 * 4 * (hand_matrix_params() / 8 + hand_norm_params())  # GPU layouts do not pad to 128 lanes
+    assert within(train["memory"]["argument"], state + 2 * B * (T + HEADS) * 4 / 8)
