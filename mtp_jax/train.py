@@ -154,7 +154,7 @@ def train(cfg: Config) -> dict:
             return result
     except KeyboardInterrupt:
         pause_point("interrupted")
-        ckpt.settle(SETTLE_S)  # Ctrl-C starts no save; one in flight commits within SETTLE_S or is deleted
+        ckpt.settle(SETTLE_S)  # Ctrl-C starts no save; one in flight commits within SETTLE_S or is abandoned
         interrupts.exit_interrupted()
     except ConfigError as err:
         if ckpt.failed:  # a full disk mid-save: Orbax's failed threads must not be waited on or torn down
