@@ -124,11 +124,12 @@ class Checkpointer:
         policy = policies.AnySavePolicy(  # no Orbax "initial save": step 1 is not a save step
             [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]
         )
-        # Orbax deletes old steps only when saving, which read-only users never do. The writer thread pauses
+        # Orbax deletes old steps only when saving, which read-only users never do; the folder is created by the
+        # first save, so a refused start leaves none. The writer thread pauses
         # at "save_commit" (tests only) after writing everything and before the rename that commits the step.
         commit_hook = ocp.AsyncOptions(post_finalization_callback=lambda: pause_point("save_commit", self._saving))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy, create=not read_only,
+            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy, create=False,
             async_options=commit_hook if async_save else None,
         )
         self._saving: int | None = None
@@ -143,6 +144,8 @@ class Checkpointer:
         if latest is not None and step <= latest:
             return False
         if not self._swept:
+            if jax.process_index() == 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
             self._remove_unfinished()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
         pause_point("save_begin", step)

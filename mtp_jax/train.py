@@ -29,8 +29,8 @@ from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
 from mtp_jax.metrics import DivergenceGuard, MetricsWriter
 from mtp_jax.optim import schedule
-from mtp_jax.run import (build, check_resume, clear_unfinished_run, read_config, read_tokenizer, resolve_vocab,
-                         write_run_files)
+from mtp_jax.run import (RUN_FILES, StartUp, build, check_resume, foreign_entries, read_config, read_tokenizer,
+                         resolve_vocab, write_run_files)
 
 
 SETTLE_S = 3.0  # below interrupts.GRACE_S, after which the process is forced out
@@ -101,7 +101,7 @@ def _damaged_data(error: ValueError, data_path: str) -> ConfigError | None:
                        f"again (mtp-prepare) or restore that file from a backup")
 
 
-def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, Any]:
+def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> tuple[Config, Any]:
     """Validates everything that can be checked against RUN_DIR before writing to it; returns the config
     (vocab resolved) and the tokenizer. A resume needs its tokenizer/; a run with no checkpoint starts afresh."""
     primary = jax.process_index() == 0
@@ -118,7 +118,11 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, A
         check_resume(saved, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=saved.model.vocab_size)),
                      allow_data_change=converted)
     if not resuming and primary:
-        gone = clear_unfinished_run(run_dir)
+        foreign = foreign_entries(run_dir)
+        if foreign:
+            raise ConfigError(f"train.run_dir={run_dir} holds {', '.join(foreign)}, which mtp-train did not write; "
+                              f"choose a new or empty train.run_dir (nothing there was changed)")
+        gone = startup.set_aside(list(RUN_FILES))
         if gone:
             log(f"note: {run_dir} holds {', '.join(gone)} of a run that saved no checkpoint; starting afresh")
     with _unreadable_data():
@@ -139,21 +143,25 @@ def train(cfg: Config) -> dict:
     distributed.initialize(cfg.distributed)
     run_dir = Path(cfg.train.run_dir)
     primary = jax.process_index() == 0
+    startup = StartUp(run_dir)
     lock.prepare_run_dir(run_dir)
     if primary:
         lock.acquire(run_dir)
+        startup.begin()  # under the lock: what is here now is this start's to keep or undo
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("run_dir")
-    pause_point("startup")
     tcfg = cfg.train
     ckpt = Checkpointer(run_dir / "checkpoints", tcfg.keep_checkpoints, tcfg.checkpoint_every, tcfg.async_checkpoint)
     try:
+        pause_point("startup")
         with quiet_save_failures():
-            result = _train(cfg, run_dir, ckpt)
+            result = _train(cfg, run_dir, ckpt, startup)
             ckpt.wait()  # the last async save's failure (full disk) surfaces here, inside the handlers below
             return result
     except KeyboardInterrupt:
         pause_point("interrupted")
+        if primary:
+            startup.undo()  # before the first step: as if never started
         ckpt.settle(SETTLE_S)  # Ctrl-C starts no save; one in flight commits within SETTLE_S or is abandoned
         interrupts.exit_interrupted()
     except ConfigError as err:
@@ -171,13 +179,15 @@ def train(cfg: Config) -> dict:
             raise
         raise full from None
     finally:
+        if primary:
+            startup.undo()  # a start that failed before its first step leaves RUN_DIR as it was (no-op after)
         ckpt.wait()
         ckpt.close()
 
 
-def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
+def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> dict:
     primary = jax.process_index() == 0
-    cfg, tokenizer = _open_run(cfg, run_dir, ckpt)
+    cfg, tokenizer = _open_run(cfg, run_dir, ckpt, startup)
     built = build(cfg)
     fns, tcfg = built.fns, cfg.train
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -206,6 +216,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
             log(f"resumed from step {start} in {run_dir / 'checkpoints'}")
 
     writer = MetricsWriter(run_dir, primary, tcfg.tensorboard)
+    if primary:
+        startup.commit()
     guard = DivergenceGuard(tcfg.max_skipped_steps)
     lr = schedule(cfg.optim, tcfg.steps)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len

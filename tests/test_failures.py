@@ -314,3 +314,34 @@ def test_override_values_are_parsed_by_the_field_type() -> None:
                              "train.loss_weights=[1, 0.5, 0.25, 0.125]", "optim.lr=3e-4", "data.source='files'"])
     assert (cfg.data.path, cfg.train.run_dir, cfg.data.text_field, cfg.data.source) == ("*.txt", "null", "yes", "files")
     assert cfg.train.tensorboard is False and cfg.train.loss_weights == [1, 0.5, 0.25, 0.125] and cfg.optim.lr == 3e-4
+
+
+def file_bytes(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for a folder): what "unchanged" compares."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+@pytest.mark.slow
+def test_a_refused_start_changes_nothing_and_foreign_files_are_refused(diverged, tmp_path: Path) -> None:
+    """Three refused starts: a directory of someone else's files, a new directory, and the leftovers of our own
+    failed start (which the start sets aside and must put back): each is byte-for-byte what it was."""
+    foreign, ours = tmp_path / "P", tmp_path / "ours"
+    (foreign / "tokenizer").mkdir(parents=True)
+    (foreign / "config.yaml").write_text("mine\n")
+    (foreign / "metrics.jsonl").write_text("x\n")
+    ours.mkdir()
+    for name in ("config.yaml", "versions.json", "tokenizer", "data_manifest.json", "metrics.jsonl"):
+        copy = shutil.copytree if (diverged[0] / name).is_dir() else shutil.copy
+        copy(diverged[0] / name, ours / name)
+    bad_data = ["data.source=files", f"data.path={tmp_path / 'nonexistent'}"]
+    for run, words in ((foreign, ["config.yaml, metrics.jsonl", "did not write", "choose a new or empty"]),
+                       (tmp_path / "new" / "run", ["does not exist"]), (ours, ["does not exist"])):
+        before = file_bytes(run) if run.exists() else None
+        done = command(*train_args(run, *bad_data))
+        assert done.returncode == EXIT_USER and "Traceback" not in done.stderr, done.stderr[-3000:]
+        [line] = error_lines(done.stderr)
+        assert all(w in line for w in words), (line, words)
+        if before is None:
+            assert not (tmp_path / "new").exists()
+        else:
+            assert file_bytes(run) == before, run
