@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import signal
 import sys
@@ -17,6 +18,7 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from mtp_jax import distributed, interrupts, lock, sharding
@@ -27,6 +29,7 @@ from mtp_jax.errors import EXIT_USER, full_disk_write_error
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
+from mtp_jax.loss import loss_weights
 from mtp_jax.metrics import DivergenceGuard, MetricsWriter
 from mtp_jax.optim import schedule
 from mtp_jax.run import (RUN_FILES, StartUp, build, check_resume, foreign_entries, read_config, read_tokenizer,
@@ -101,9 +104,10 @@ def _damaged_data(error: ValueError, data_path: str) -> ConfigError | None:
                        f"again (mtp-prepare) or restore that file from a backup")
 
 
-def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> tuple[Config, Any]:
+def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> tuple[Config, Any, float | None]:
     """Validates everything that can be checked against RUN_DIR before writing to it; returns the config
-    (vocab resolved) and the tokenizer. A resume needs its tokenizer/; a run with no checkpoint starts afresh."""
+    (vocab resolved), the tokenizer and the checkpoint's optim.lr (None if not resuming). A resume needs its
+    tokenizer/; a run with no checkpoint starts afresh."""
     primary = jax.process_index() == 0
     resuming = ckpt.latest_step() is not None
     if resuming and not (run_dir / "tokenizer").is_dir():
@@ -135,7 +139,7 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) 
     if cfg.optim.warmup_steps > cfg.train.steps:
         log(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} is longer than train.steps={cfg.train.steps}: "
             f"the learning rate never reaches optim.lr")
-    return cfg, tokenizer
+    return cfg, tokenizer, None if saved is None else saved.optim.lr
 
 
 def train(cfg: Config) -> dict:
@@ -187,7 +191,7 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> dict:
     primary = jax.process_index() == 0
-    cfg, tokenizer = _open_run(cfg, run_dir, ckpt, startup)
+    cfg, tokenizer, saved_lr = _open_run(cfg, run_dir, ckpt, startup)
     built = build(cfg)
     fns, tcfg = built.fns, cfg.train
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -218,7 +222,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
     writer = MetricsWriter(run_dir, primary, tcfg.tensorboard)
     if primary:
         startup.commit()
-    guard = DivergenceGuard(tcfg.max_skipped_steps)
+    guard = _divergence_guard(cfg, saved_lr)
+    guard.check_norm(start, _param_norm(state), ckpt.latest_step())
     lr = schedule(cfg.optim, tcfg.steps)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     flops_per_step = model_flops_per_token(cfg.model, tcfg.seq_len) * tokens_per_step
@@ -233,6 +238,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
         """No checkpoint holding a diverged state: the skipped-step count is checked first (a host sync the save needs anyway)."""
         if force or ckpt.should_save(step):
             guard.check(step, ckpt.latest_step())
+            guard.check_norm(step, _param_norm(state), ckpt.latest_step())
             ckpt.save(step, state, data_iter.get_state(), force=force)
 
     try:
@@ -241,7 +247,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
             state, metrics = fns.train_step(state, batch)
             step += 1
             window_steps += 1
-            guard.add(step, metrics["skipped"])
+            guard.add(step, metrics["skipped"], metrics["loss"])
             if step == start + 1:  # keep compilation out of the throughput figures
                 jax.block_until_ready(metrics)
                 window_start, window_steps = time.perf_counter(), 0
@@ -285,6 +291,18 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
         if bar is not None:
             bar.close()
         writer.close()
+
+
+def _divergence_guard(cfg: Config, saved_lr: float | None) -> DivergenceGuard:
+    """The loss thresholds of this model, and the learning rate to advise: a tenth of this one, or the resumed
+    checkpoint's own if lower (a run that diverged right after raising optim.lr recovers at the old one)."""
+    uniform = float(np.sum(loss_weights(cfg.model.mtp_heads, cfg.train.loss_weights))) * math.log(cfg.model.vocab_size)
+    advised = min(cfg.optim.lr / 10, saved_lr if saved_lr is not None else math.inf)
+    return DivergenceGuard(cfg.train.max_skipped_steps, uniform, cfg.optim.warmup_steps, advised)
+
+
+def _param_norm(state: dict) -> float:
+    return float(optax.global_norm(state["params"]))
 
 
 def _report(pending: tuple[int, Any], writer: MetricsWriter, bar: Any) -> None:

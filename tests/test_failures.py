@@ -28,7 +28,8 @@ from mtp_jax.run import build, resolve_vocab
 from mtp_jax.step import keep_if_finite
 
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
-# The issue's reproduction: the loss turns non-finite a few steps in, after the step-2 checkpoint.
+# A run that trains well to step 4 at optim.lr=3e-3 (GOOD), then resumes at optim.lr=1e6 and diverges.
+GOOD = ["optim.lr=3e-3", "train.steps=4"]
 DIVERGING = ["optim.lr=1e6", "optim.warmup_steps=50", "train.log_every=10", "train.checkpoint_every=2",
              "train.steps=20", "train.tensorboard=false"]
 
@@ -50,6 +51,8 @@ def tree_listing(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def diverged(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("diverged") / "run"
+    code, _, err = finish(mtp_train(run_dir, *DIVERGING, *GOOD))
+    assert code == 0, err[-3000:]
     code, out, err = finish(mtp_train(run_dir, *DIVERGING))
     return run_dir, subprocess.CompletedProcess([], code, out, err)
 
@@ -59,12 +62,12 @@ def test_divergence_stops_and_keeps_every_good_checkpoint(diverged) -> None:
     run_dir, done = diverged
     assert done.returncode == EXIT_DIVERGED, done.stderr[-2000:]
     [line] = error_lines(done.stderr)
-    assert "Traceback" not in done.stderr and "diverged at step" in line and "lower optim.lr" in line
-    assert "warning: optim.warmup_steps=50 is longer than train.steps=20" in done.stderr  # item 6: said, not refused
+    assert "Traceback" not in done.stderr and "diverged at step" in line
+    assert "warning: optim.warmup_steps=50 is longer than train.steps=20" in done.stderr  # said, not refused
     bad_step = int(line.split("diverged at step ")[1].split(":")[0])
     steps = checkpoint_steps(run_dir)
-    assert 2 in steps and max(steps) < bad_step, (steps, line)
-    assert f"step {max(steps)}, is good" in line
+    assert steps == [2, 4] and bad_step > 4, (steps, line)
+    assert "the newest checkpoint, step 4, is from before it; rerun with optim.lr=0.003" in line
     for step in steps:  # an independent read of every checkpoint: no NaN or inf anywhere
         state = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state)), step
@@ -280,10 +283,10 @@ def test_decode_memory_budget_and_context_warning(tiny, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_resume_lists_changed_settings_and_still_writes_no_bad_checkpoint(diverged, tmp_path: Path) -> None:
-    """The newest good checkpoint of this run holds finite but huge weights (lr 1e6): the resume warns about the
-    changed settings (a changed data source too, as train.allow_data_change=true overrides its refusal), diverges
-    again, and adds no checkpoint."""
+def test_resume_lists_changed_settings_and_recovers_from_the_kept_checkpoint(diverged, tmp_path: Path) -> None:
+    """The kept checkpoint predates the divergence (no checkpoint of the lr 1e6 steps exists): the resume warns
+    about the changed settings (a changed data source too, as train.allow_data_change=true overrides its refusal)
+    and trains on from it."""
     run = copy_run(diverged, tmp_path)
     before = checkpoint_steps(run)
     done = command(*train_args(run, "optim.lr=1e-3", "train.seq_len=16", "data.max_bytes=200000",
@@ -292,7 +295,7 @@ def test_resume_lists_changed_settings_and_still_writes_no_bad_checkpoint(diverg
     assert "optim.lr 1000000.0 -> 0.001" in warning and "train.seq_len 32 -> 16" in warning
     assert "data.max_bytes 300000 -> 200000" in warning and "error:" not in done.stderr.replace("error: training", "")
     assert f"resumed from step {max(before)}" in done.stderr
-    assert done.returncode == EXIT_DIVERGED and checkpoint_steps(run) == before
+    assert done.returncode == 0 and checkpoint_steps(run)[-1] == 20 and before == [2, 4]
 
 
 def test_guard_counts_skipped_steps_up_to_the_checked_one() -> None:
@@ -303,7 +306,7 @@ def test_guard_counts_skipped_steps_up_to_the_checked_one() -> None:
     guard.check(5, last_good=4)  # step 6 not counted yet: one skipped
     guard.check(6, last_good=4)  # two skipped: still within the bound
     guard.add(7, np.float32(1.0))
-    with pytest.raises(DivergenceError, match=r"diverged at step 2: .*3 step\(s\) skipped.*step 4, is good"):
+    with pytest.raises(DivergenceError, match=r"diverged at step 2: .*3 step\(s\) skipped.*step 4, is from before"):
         guard.check(7, last_good=4)
 
 
@@ -345,3 +348,48 @@ def test_a_refused_start_changes_nothing_and_foreign_files_are_refused(diverged,
             assert not (tmp_path / "new").exists()
         else:
             assert file_bytes(run) == before, run
+
+
+@pytest.mark.slow
+def test_the_advised_rerun_recovers(diverged, tmp_path: Path) -> None:
+    """The stop line's advice, followed literally, resumes from the kept checkpoint and finishes with a loss below
+    the uniform distribution's."""
+    run = copy_run(diverged, tmp_path)
+    [line] = error_lines(diverged[1].stderr)
+    advised = line.split("rerun with ")[1].split(" ")[0]
+    assert advised == "optim.lr=0.003", line
+    done = command(*train_args(run, advised))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step 4" in done.stderr and checkpoint_steps(run)[-1] == 20
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r["train/loss"] for r in rows if "train/loss" in r and r["step"] > 4][-1]
+    assert last < 2 * np.log(384), last  # two heads, weights 1: uniform over the 384-token padded vocabulary
+
+
+def test_guard_thresholds_by_loss_and_norm() -> None:
+    """Each rule fires at its documented threshold and not below it."""
+    from mtp_jax import metrics
+
+    def run(losses: list[float], warmup: int = 0) -> str | None:
+        guard = DivergenceGuard(allowed=0, uniform_loss=5.0, warmup_steps=warmup, advised_lr=1e-3)
+        try:
+            for step, loss in enumerate(losses, start=1):
+                guard.add(step, np.float32(0.0), np.float32(loss))
+                guard.check(step, last_good=None)
+        except DivergenceError as err:
+            return str(err)
+        return None
+
+    calm = [4.0] * metrics.UNIFORM_AFTER
+    assert run(calm + [4.99]) is None and "at step 21: loss 5 is at or above" in run(calm + [5.0])
+    assert run([6.0] * metrics.UNIFORM_AFTER) is None  # a fresh model sits near uniform: not yet divergence
+    assert run([6.0] * 30, warmup=40) is None  # nor during warm-up
+    spike = [1.0] * metrics.SPIKE_MIN
+    assert run(spike + [4.0]) is None
+    assert "loss 4.01 is over 4x its recent mean 1" in run(spike + [4.01])
+    assert "rerun with optim.lr=0.001 (or a larger optim.warmup_steps) to start afresh" in run(spike + [4.01])
+    guard = DivergenceGuard(allowed=0)
+    guard.check_norm(0, 2.0, None)
+    guard.check_norm(10, 200.0, 8)
+    with pytest.raises(DivergenceError, match=r"at step 12: parameter norm 201 is over 100x its 2 .*step 8, is from"):
+        guard.check_norm(12, 201.0, 8)
