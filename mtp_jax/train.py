@@ -22,6 +22,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from mtp_jax import distributed, interrupts, lock, sharding
+from mtp_jax.capacity import check_training_fits
 from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data import pipeline
@@ -145,6 +146,7 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) 
 def train(cfg: Config) -> dict:
     """Trains (resuming if RUN_DIR has a checkpoint) and returns the final held-out evaluation."""
     distributed.initialize(cfg.distributed)
+    check_training_fits(cfg)  # before anything is allocated or written
     run_dir = Path(cfg.train.run_dir)
     primary = jax.process_index() == 0
     startup = StartUp(run_dir)

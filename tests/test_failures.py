@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,6 +193,8 @@ BAD_INPUTS = {
     "disk full writing the run's files": (lambda t, d: train_args(full_disk_at(copy_run(d, t), "versions.json")),
                                           ["cannot write a file in /", "/run: no space left on device",
                                            "GiB free there", "free space there"]),
+    "sequence that cannot fit in memory": (lambda t, d: train_args(t / "r", "train.seq_len=1000000000"),
+                                           ["train.seq_len=1000000000", "GiB is free", "lower train.seq_len"]),
     "corrupt tokenizer.json": (
         lambda t, d: ["eval", str((lambda r: (r / "tokenizer" / "tokenizer.json").write_text("{not json") and r)(
             copy_run(d, t)))], ["tokenizer", "is unreadable", "restore tokenizer/"]),
@@ -393,3 +396,16 @@ def test_guard_thresholds_by_loss_and_norm() -> None:
     guard.check_norm(10, 200.0, 8)
     with pytest.raises(DivergenceError, match=r"at step 12: parameter norm 201 is over 100x its 2 .*step 8, is from"):
         guard.check_norm(12, 201.0, 8)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.worker_count=-1", "data.worker_count=-1 must be >= 0"), ("data.shuffle_seed=-1", "must be >= 0"),
+    ("model.init_std=nan", "model.init_std=nan must be a finite number"), ("model.rope_theta=0", "must be > 0"),
+    ("model.norm_eps=-1", "model.norm_eps=-1.0 must be > 0"), ("optim.lr=inf", "optim.lr=inf must be a finite"),
+    ("distributed.heartbeat_timeout=0", "must be >= 1"), ("mesh.fsdp=0", "mesh.fsdp=0 must be >= 1"),
+])
+def test_every_number_is_range_checked_at_load_time(override: str, words: str) -> None:
+    from mtp_jax.config import load_config
+
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_config(None, [override])
