@@ -27,6 +27,7 @@ import jax
 import yaml
 
 from mtp_jax import sharding
+from mtp_jax.atomic import write_atomic
 from mtp_jax.config import Config, ConfigError, from_dict, to_dict, to_yaml
 from mtp_jax.errors import DivergenceError
 from mtp_jax.model.transformer import MTP
@@ -80,13 +81,13 @@ def build(cfg: Config, devices: list | None = None) -> Built:
 
 def write_run_files(run_dir: Path, cfg: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     packages = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "tokenizers"]
     versions: dict[str, Any] = {p: _version(p) for p in packages}
     versions.update(python=platform.python_version(), backend=jax.default_backend(),
                     device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
                     processes=jax.process_count())
-    (run_dir / "versions.json").write_text(json.dumps(versions, indent=2))
+    write_atomic(run_dir / "versions.json", json.dumps(versions, indent=2))
 
 
 def _version(package: str) -> str:

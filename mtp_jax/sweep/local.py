@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import IO, TextIO
 
+from mtp_jax.atomic import write_atomic
 from mtp_jax.errors import UserError
 from mtp_jax.sweep.experiment import Experiment, Point
 
@@ -40,7 +41,7 @@ def claim_results_dir(experiment: Experiment) -> None:
                             f"'{experiment.name}'; set another results_dir in {experiment.path}")
         return
     experiment.results_dir.mkdir(parents=True, exist_ok=True)
-    owner.write_text(json.dumps({"name": experiment.name, "experiment": str(experiment.path)}, indent=2))
+    write_atomic(owner, json.dumps({"name": experiment.name, "experiment": str(experiment.path)}, indent=2))
 
 
 def status(experiment: Experiment, point: Point) -> str:
@@ -91,7 +92,7 @@ def run_point(experiment: Experiment, point: Point) -> tuple[int, float]:
         finally:
             signal.signal(signal.SIGTERM, previous)
     if code != 0:
-        (run_dir / FAILED_FILE).write_text(json.dumps({"returncode": code, "log": str(run_dir / LOG_FILE)}))
+        write_atomic(run_dir / FAILED_FILE, json.dumps({"returncode": code, "log": str(run_dir / LOG_FILE)}))
     return code, time.monotonic() - start
 
 
