@@ -202,6 +202,11 @@ class Checkpointer:
             older = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
             _warn(f"checkpoint step {candidate} is unreadable ({reason}); {older}")
             broken.append(candidate)
+        if steps and self.read_only:  # a live trainer may have rotated those steps out while we read them
+            raise ConfigError(
+                f"no readable checkpoint in {self.directory} (tried steps {steps}); if a trainer is writing there, "
+                f"rerun to read its newest committed step; otherwise restore a backup"
+            )
         if steps:
             raise ConfigError(
                 f"no readable checkpoint in {self.directory} (tried steps {steps}); "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 
 from mtp_jax.config import Config
@@ -80,11 +79,10 @@ def check_budget(cfg: Config, prompt_len: int, new_tokens: int, available: int) 
 
 
 def _memory_bytes() -> int:
-    """The first local device's memory limit, or the host's RAM on CPU (which reports none)."""
-    import jax
+    """Free memory of the first local device, or the host's available RAM on CPU (not its total)."""
+    from mtp_jax.capacity import available_bytes
 
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return int(stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return available_bytes()
 
 
 @guarded
