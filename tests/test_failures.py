@@ -409,3 +409,21 @@ def test_every_number_is_range_checked_at_load_time(override: str, words: str) -
 
     with pytest.raises(UserError, match=re.escape(words)):
         load_config(None, [override])
+
+
+def test_a_sweep_trainer_dies_with_its_driver(tmp_path: Path) -> None:
+    """The sweep starts trainers with `_die_with_parent`: a driver killed with -9 takes its trainer along."""
+    driver = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys\nfrom mtp_jax.sweep.local import _die_with_parent\n"
+        "child = subprocess.Popen(['sleep', '300'], preexec_fn=_die_with_parent)\n"
+        "print(child.pid, flush=True)\nchild.wait()\n")], stdout=subprocess.PIPE, text=True)
+    trainer = int(driver.stdout.readline())
+    driver.kill()
+    driver.wait()
+    deadline = time.time() + 30
+    while Path(f"/proc/{trainer}").exists() and time.time() < deadline:
+        if Path(f"/proc/{trainer}/stat").read_text().split()[2] == "Z":  # dead, waiting to be reaped by init
+            break
+        time.sleep(0.05)
+    gone = not Path(f"/proc/{trainer}").exists() or Path(f"/proc/{trainer}/stat").read_text().split()[2] == "Z"
+    assert gone, "the trainer outlived its driver"

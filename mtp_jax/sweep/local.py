@@ -8,6 +8,7 @@ memory, its own compile cache), so a failed point is recorded and the sweep goes
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -42,6 +43,14 @@ def claim_results_dir(experiment: Experiment) -> None:
         return
     experiment.results_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(owner, json.dumps({"name": experiment.name, "experiment": str(experiment.path)}, indent=2))
+
+
+def _die_with_parent() -> None:
+    """In the trainer before exec: SIGTERM when the sweep driver dies however it dies (kill -9 too), so no orphan
+    finishes a point the rerun has marked failed; the trainer saves its step on SIGTERM as on preemption."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def status(experiment: Experiment, point: Point) -> str:
@@ -84,7 +93,8 @@ def run_point(experiment: Experiment, point: Point) -> tuple[int, float]:
     env = {"JAX_COMPILATION_CACHE_DIR": str(experiment.results_dir / "jax_cache"), **os.environ}
     start = time.monotonic()
     with open(run_dir / LOG_FILE, "a") as log:
-        child = subprocess.Popen([*train_command(), str(experiment.base), *point.args()], stdout=log, stderr=log, env=env)
+        child = subprocess.Popen([*train_command(), str(experiment.base), *point.args()], stdout=log, stderr=log, env=env,
+                                 preexec_fn=_die_with_parent)
         # SIGTERM (a preempted sweep driver) goes on to mtp-train, which saves a checkpoint and exits.
         previous = signal.signal(signal.SIGTERM, lambda *_: (STOP.set(), child.send_signal(signal.SIGTERM)))
         try:
