@@ -227,6 +227,8 @@ def test_eval_is_read_only_and_records_its_step(diverged, tmp_path: Path) -> Non
     """A damaged newer checkpoint: mtp-eval falls back to the newest good step, renames nothing, and writes
     only the step-named result."""
     run = copy_run(diverged, tmp_path)
+    shutil.rmtree(run / "evals")  # what the good first run's final evaluation wrote
+    (run / "eval.json").unlink()
     newest = max(checkpoint_steps(run))
     shutil.copytree(run / "checkpoints" / str(newest), run / "checkpoints" / "100")
     for f in (run / "checkpoints" / "100" / "state").rglob("*"):
