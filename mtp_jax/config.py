@@ -352,8 +352,8 @@ _LOWER = {
     "data.bpe_vocab_size": (">=", 1), "data.max_bytes": (">=", 0), "data.shuffle_seed": (">=", 0),
     "data.worker_count": (">=", 0), "data.task_train_examples": (">=", 1), "data.task_test_examples": (">=", 1),
     "data.task_seed": (">=", 0), "data.task_train_ops": (">=", 1), "data.task_test_ops": (">=", 1),
-    "train.seed": (">=", 0), "train.peak_flops": (">=", 0), "mesh.data": (">=", -1), "mesh.fsdp": (">=", 1),
-    "mesh.tensor": (">=", 1), "mesh.dcn_data": (">=", 1), "mesh.dcn_fsdp": (">=", 1),
+    "train.seed": (">=", 0), "train.peak_flops": (">=", 0), "mesh.data": (">=", -1), "mesh.fsdp": (">=", -1),
+    "mesh.tensor": (">=", -1), "mesh.dcn_data": (">=", 1), "mesh.dcn_fsdp": (">=", 1),
     "distributed.num_processes": (">=", -1), "distributed.process_id": (">=", -1),
     "distributed.initialization_timeout": (">=", 1), "distributed.heartbeat_timeout": (">=", 1),
 }

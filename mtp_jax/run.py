@@ -119,8 +119,10 @@ def check_resume(saved: Config, cfg: Config, allow_data_change: bool = False) ->
     return [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed]
 
 
-# Every name mtp-train writes at the top of a run directory; anything else there is someone else's.
-OWN_NAMES = (".lock", "checkpoints", "data_cache", "tensorboard", "evals", "eval.json", *RUN_FILES)
+# Every name mtp-train (and mtp-sweep, around a point's trainer: sweep/local.py) writes at the top of a run
+# directory; anything else there is someone else's.
+OWN_NAMES = (".lock", "checkpoints", "data_cache", "tensorboard", "evals", "eval.json", *RUN_FILES,
+             "train.log", ".sweep.lock", "sweep_failed.json")
 _ASIDE = ".mtp-replaced-"  # a failed earlier start's files, moved aside until this start succeeds
 
 

@@ -404,7 +404,7 @@ def test_guard_thresholds_by_loss_and_norm() -> None:
     ("data.worker_count=-1", "data.worker_count=-1 must be >= 0"), ("data.shuffle_seed=-1", "must be >= 0"),
     ("model.init_std=nan", "model.init_std=nan must be a finite number"), ("model.rope_theta=0", "must be > 0"),
     ("model.norm_eps=-1", "model.norm_eps=-1.0 must be > 0"), ("optim.lr=inf", "optim.lr=inf must be a finite"),
-    ("distributed.heartbeat_timeout=0", "must be >= 1"), ("mesh.fsdp=0", "mesh.fsdp=0 must be >= 1"),
+    ("distributed.heartbeat_timeout=0", "must be >= 1"), ("mesh.fsdp=-2", "mesh.fsdp=-2 must be >= -1"),
 ])
 def test_every_number_is_range_checked_at_load_time(override: str, words: str) -> None:
     from mtp_jax.config import load_config
