@@ -272,14 +272,14 @@ def advice(program: str, need: float, have: float, kind: str, cfg: Config) -> st
 
 
 def write_executable(compiled: Any, path: Path) -> None:
-    """The serialized executable, written to a temporary sibling and renamed: never a partial file."""
+    """The serialized executable, written atomically: never a partial file."""
     from jax.experimental import serialize_executable
+
+    from mtp_jax.atomic import write_atomic
 
     payload, _, _ = serialize_executable.serialize(compiled)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    tmp.replace(path)
+    write_atomic(path, payload)
 
 
 def run(cfg: Config, topology: str, slices: int = 1, decode: tuple[int, int] | None = None,

@@ -2,7 +2,8 @@
 
 Layout: DIR/<step>/{state,data}/. Orbax writes DIR/<step>.orbax-checkpoint-tmp-<n>/ and renames it
 to DIR/<step>/ only once every file is written (on GCS: a `commit_success.txt` marks it instead),
-so a save killed midway leaves a temporary directory that Orbax never lists. A committed step
+so a save killed midway leaves a temporary directory that Orbax never lists (the next trainer deletes
+it before its first save; nothing is deleted while a writer may still be running). A committed step
 whose files were damaged later is only found when reading it fails: restore then falls back to
 the next older step and moves the broken one to DIR/<step>.unreadable-<time>/ (never deleted);
 read-only users (mtp-eval, mtp-generate) fall back the same way but move nothing.
@@ -124,9 +125,15 @@ class Checkpointer:
         policy = policies.AnySavePolicy(  # no Orbax "initial save": step 1 is not a save step
             [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]
         )
-        options = ocp.CheckpointManagerOptions(  # Orbax deletes old steps only when saving, which read-only users never do
-            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy, create=not read_only
+        # Orbax deletes old steps only when saving, which read-only users never do; the folder is created by the
+        # first save, so a refused start leaves none. The writer thread pauses
+        # at "save_commit" (tests only) after writing everything and before the rename that commits the step.
+        commit_hook = ocp.AsyncOptions(post_finalization_callback=lambda: pause_point("save_commit", self._saving))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy, create=False,
+            async_options=commit_hook if async_save else None,
         )
+        self._saving: int | None = None
         self.read_only = read_only
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
         self._swept = False
@@ -138,9 +145,14 @@ class Checkpointer:
         if latest is not None and step <= latest:
             return False
         if not self._swept:
+            if distributed.is_primary():
+                self.directory.mkdir(parents=True, exist_ok=True)
             self._remove_unfinished()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        pause_point("save_begin", step)
         with self._writing(step):  # also where an async save's earlier failure surfaces
+            self._manager.wait_until_finished()  # Orbax waits for the previous save anyway; its commit hook reads _saving
+            self._saving = step
             started = self._manager.save(step, args=args, force=force)
         if started:
             pause_point("save", step)
@@ -152,12 +164,17 @@ class Checkpointer:
         return (latest is None or step > latest) and self._manager.should_save(step)
 
     def settle(self, timeout_s: float) -> None:
-        """After Ctrl-C: lets an in-flight async save commit for up to `timeout_s` (Orbax creates its temporary
-        folder in the background, so deleting at once can race it), then deletes whatever is still unfinished."""
-        waiter = threading.Thread(target=self._manager.wait_until_finished, daemon=True)
+        """After Ctrl-C: lets an in-flight async save commit for up to `timeout_s`, and deletes nothing. Orbax's
+        wait can return before its rename, so a delete here raced the writer (a half-deleted step was committed).
+        Process exit stops a writer still running; its temporary folder is never read, and the next trainer
+        deletes it before its first save, when no writer can be running."""
+        def wait() -> None:
+            with contextlib.suppress(Exception):  # a failed save commits nothing; the next trainer deletes its folder
+                self._manager.wait_until_finished()
+
+        waiter = threading.Thread(target=wait, name="mtp-settle", daemon=True)
         waiter.start()
         waiter.join(timeout_s)
-        self.discard_unfinished()
 
     def discard_unfinished(self) -> None:
         """Deletes half-written saves (the run's lock says no one else writes here)."""
@@ -186,6 +203,11 @@ class Checkpointer:
             older = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
             _warn(f"checkpoint step {candidate} is unreadable ({reason}); {older}")
             broken.append(candidate)
+        if steps and self.read_only:  # a live trainer may have rotated those steps out while we read them
+            raise ConfigError(
+                f"no readable checkpoint in {self.directory} (tried steps {steps}); if a trainer is writing there, "
+                f"rerun to read its newest committed step; otherwise restore a backup"
+            )
         if steps:
             raise ConfigError(
                 f"no readable checkpoint in {self.directory} (tried steps {steps}); "
@@ -194,15 +216,18 @@ class Checkpointer:
         return None
 
     def _newest_metadata(self) -> Any | None:
-        """The newest checkpoint's state tree of array metadata (shapes, dtypes), read without the arrays."""
-        step = self._manager.latest_step()
-        if step is None:
-            return None
-        with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
-            return handler.metadata(self.directory / str(step) / "state")
+        """The state tree of array metadata (shapes, dtypes) of the newest checkpoint whose metadata reads,
+        without the arrays. A step whose metadata is unreadable is skipped here; `restore` names it and falls back."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+                    return handler.metadata(self.directory / str(step) / "state")
+            except Exception:  # noqa: BLE001 - any failure to read the metadata makes the step unusable
+                continue
+        return None
 
     def params_only(self) -> bool:
-        """True when the newest checkpoint holds parameters without optimizer state (mtp-convert's)."""
+        """True when the newest readable checkpoint holds parameters without optimizer state (mtp-convert's)."""
         saved = self._newest_metadata()
         return saved is not None and not any(key.startswith("opt_state") for key in _shapes(saved))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -344,8 +345,36 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Lower bounds of the numeric fields no rule below covers (inclusive; a float one also excludes the bound when
+# marked ">"): every number of a config is range-checked at load time, and every float must be finite.
+_LOWER = {
+    "model.rope_theta": (">", 0), "model.norm_eps": (">", 0), "model.init_std": (">", 0),
+    "data.bpe_vocab_size": (">=", 1), "data.max_bytes": (">=", 0), "data.shuffle_seed": (">=", 0),
+    "data.worker_count": (">=", 0), "data.task_train_examples": (">=", 1), "data.task_test_examples": (">=", 1),
+    "data.task_seed": (">=", 0), "data.task_train_ops": (">=", 1), "data.task_test_ops": (">=", 1),
+    "train.seed": (">=", 0), "train.peak_flops": (">=", 0), "mesh.data": (">=", -1), "mesh.fsdp": (">=", -1),
+    "mesh.tensor": (">=", -1), "mesh.dcn_data": (">=", 1), "mesh.dcn_fsdp": (">=", 1),
+    "distributed.num_processes": (">=", -1), "distributed.process_id": (">=", -1),
+    "distributed.initialization_timeout": (">=", 1), "distributed.heartbeat_timeout": (">=", 1),
+}
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Finite floats everywhere, and the lower bounds of `_LOWER`."""
+    for section in dataclasses.fields(cfg):
+        for field in dataclasses.fields(getattr(cfg, section.name)):
+            key, value = f"{section.name}.{field.name}", getattr(getattr(cfg, section.name), field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            _check(math.isfinite(value), f"{key}={value} must be a finite number")
+            if key in _LOWER:
+                op, bound = _LOWER[key]
+                _check(value > bound if op == ">" else value >= bound, f"{key}={value} must be {op} {bound}")
+
+
 def validate(cfg: Config) -> None:
     """Shape and range checks that would otherwise surface as errors deep inside JAX."""
+    _check_numbers(cfg)
     for key, options in _CHOICES.items():
         section, field = key.split(".")
         value = getattr(getattr(cfg, section), field)

@@ -43,29 +43,67 @@ class MetricsWriter:
             self._tb.close()
 
 
+# What counts as divergence besides a non-finite step (docs/failures.md): a loss at or above the uniform
+# distribution's after warm-up (optim.warmup_steps, and at least UNIFORM_AFTER steps: a fresh model starts near
+# it), a loss above SPIKE_FACTOR x the mean of the previous SPIKE_WINDOW losses (once
+# SPIKE_MIN of them are known), or a parameter norm above NORM_FACTOR x its value when this run started.
+SPIKE_FACTOR, SPIKE_WINDOW, SPIKE_MIN = 4.0, 32, 8
+UNIFORM_AFTER = 20
+NORM_FACTOR = 100.0
+
+
 class DivergenceGuard:
-    """Counts the steps the jitted guard skipped (`step.keep_if_finite`). Each step's flag stays on the device
-    until `check`, which the loop calls before a save or a log of that step, so the loop never waits on it."""
+    """Counts the steps the jitted guard skipped (`step.keep_if_finite`) and watches the loss. Each step's flag and
+    loss stay on the device until `check`, which the loop calls before a save or a log of that step, so the loop
+    never waits on them and no checkpoint after the step where the divergence began is written."""
 
-    def __init__(self, allowed: int):
+    def __init__(self, allowed: int, uniform_loss: float = math.inf, warmup_steps: int = 0, advised_lr: float = 0.0):
+        """`advised_lr`: the optim.lr the stop line tells the user to rerun with."""
         self.allowed, self.skipped, self.first = allowed, 0, None
-        self._flags: list[tuple[int, Any]] = []
+        self.uniform, self.warmup, self.lr = uniform_loss, warmup_steps, advised_lr
+        self._flags: list[tuple[int, Any, Any]] = []
+        self._recent: list[float] = []
+        self._start_norm: float | None = None
 
-    def add(self, step: int, skipped_flag: Any) -> None:
-        self._flags.append((step, skipped_flag))
+    def add(self, step: int, skipped_flag: Any, loss: Any = None) -> None:
+        self._flags.append((step, skipped_flag, loss))
 
     def check(self, upto: int, last_good: int | None) -> None:
-        """Raises DivergenceError once more than `allowed` steps up to `upto` were skipped."""
-        ready = [(s, f) for s, f in self._flags if s <= upto]
-        self._flags = [(s, f) for s, f in self._flags if s > upto]
-        for step, flag in zip((s for s, _ in ready), jax.device_get([f for _, f in ready])):
+        """Raises DivergenceError once more than `allowed` steps up to `upto` were skipped, or a loss diverged."""
+        ready = [(s, f, l) for s, f, l in self._flags if s <= upto]
+        self._flags = [(s, f, l) for s, f, l in self._flags if s > upto]
+        values = jax.device_get([(f, l) for _, f, l in ready])
+        for (step, _, _), (flag, loss) in zip(ready, values):
             if float(flag) > 0:
                 self.skipped += 1
                 self.first = step if self.first is None else self.first
+            elif loss is not None:
+                self._loss(step, float(loss), last_good)
         if self.skipped > self.allowed:
-            kept = f"the newest checkpoint, step {last_good}, is good" if last_good is not None else "no checkpoint was written"
-            raise DivergenceError(
-                f"training diverged at step {self.first}: non-finite loss or gradient ({self.skipped} step(s) skipped, "
-                f"train.max_skipped_steps={self.allowed}); {kept}; lower optim.lr or raise optim.warmup_steps, "
-                f"then rerun to resume"
-            )
+            self._stop(self.first, f"non-finite loss or gradient ({self.skipped} step(s) skipped, "
+                                   f"train.max_skipped_steps={self.allowed})", last_good)
+
+    def check_norm(self, step: int, norm: float, last_good: int | None) -> None:
+        """The parameter norm before a save: the first call records the run's starting norm."""
+        if self._start_norm is None:
+            self._start_norm = norm
+        elif norm > NORM_FACTOR * self._start_norm:
+            self._stop(step, f"parameter norm {norm:.3g} is over {NORM_FACTOR:g}x its {self._start_norm:.3g} at the "
+                             f"start", last_good)
+
+    def _loss(self, step: int, loss: float, last_good: int | None) -> None:
+        if step > max(self.warmup, UNIFORM_AFTER) and loss >= self.uniform:
+            self._stop(step, f"loss {loss:.4g} is at or above the uniform distribution's {self.uniform:.4g} after "
+                             f"warm-up", last_good)
+        if len(self._recent) >= SPIKE_MIN and loss > SPIKE_FACTOR * (mean := sum(self._recent) / len(self._recent)):
+            self._stop(step, f"loss {loss:.4g} is over {SPIKE_FACTOR:g}x its recent mean {mean:.4g}", last_good)
+        self._recent = (self._recent + [loss])[-SPIKE_WINDOW:]
+
+    def _stop(self, step: int | None, why: str, last_good: int | None) -> None:
+        lower = f"optim.lr={self.lr:g}" if self.lr else "a lower optim.lr"
+        if last_good is None:
+            kept = f"no checkpoint was written; rerun with {lower} (or a larger optim.warmup_steps) to start afresh"
+        else:
+            kept = (f"the newest checkpoint, step {last_good}, is from before it; rerun with {lower} (or a larger "
+                    f"optim.warmup_steps) to resume from there")
+        raise DivergenceError(f"training diverged at step {step}: {why}; {kept}")

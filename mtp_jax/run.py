@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,6 +27,7 @@ import jax
 import yaml
 
 from mtp_jax import sharding
+from mtp_jax.atomic import write_atomic
 from mtp_jax.config import Config, ConfigError, from_dict, to_dict, to_yaml
 from mtp_jax.errors import DivergenceError
 from mtp_jax.model.transformer import MTP
@@ -78,13 +81,13 @@ def build(cfg: Config, devices: list | None = None) -> Built:
 
 def write_run_files(run_dir: Path, cfg: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     packages = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "tokenizers"]
     versions: dict[str, Any] = {p: _version(p) for p in packages}
     versions.update(python=platform.python_version(), backend=jax.default_backend(),
                     device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
                     processes=jax.process_count())
-    (run_dir / "versions.json").write_text(json.dumps(versions, indent=2))
+    write_atomic(run_dir / "versions.json", json.dumps(versions, indent=2))
 
 
 def _version(package: str) -> str:
@@ -116,15 +119,108 @@ def check_resume(saved: Config, cfg: Config, allow_data_change: bool = False) ->
     return [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed]
 
 
-def clear_unfinished_run(run_dir: Path) -> list[str]:
-    """Deletes what a run that never saved a checkpoint left (only called when there is no checkpoint)."""
-    import shutil
+# Every name mtp-train (and mtp-sweep, around a point's trainer: sweep/local.py) writes at the top of a run
+# directory; anything else there is someone else's.
+OWN_NAMES = (".lock", "checkpoints", "data_cache", "tensorboard", "evals", "eval.json", *RUN_FILES,
+             "train.log", ".sweep.lock", "sweep_failed.json")
+_ASIDE = ".mtp-replaced-"  # a failed earlier start's files, moved aside until this start succeeds
 
-    gone = [name for name in RUN_FILES if (run_dir / name).exists()]
-    for name in gone:
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """What in a run directory without a checkpoint mtp-train did not write: unknown names, and our names holding
+    something that does not read as ours (a config.yaml that is no config, JSON files that are not JSON)."""
+    foreign = [p.name for p in run_dir.iterdir() if p.name not in OWN_NAMES and not p.name.startswith(_ASIDE)]
+    checks = {"config.yaml": lambda p: read_config(p.parent), "versions.json": _json_object,
+              "data_manifest.json": _json_object, "eval.json": _json_object,
+              "metrics.jsonl": lambda p: [_json_object(p, line) for line in p.read_text().splitlines()],
+              "tokenizer": lambda p: read_tokenizer(p) if any(p.iterdir()) else None}
+    for name, check in checks.items():
         path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return gone
+        if not path.exists():
+            continue
+        try:
+            check(path)
+        except (ConfigError, OSError, ValueError):
+            foreign.append(name)
+    return sorted(foreign)
+
+
+def _json_object(path: Path, text: str | None = None) -> dict:
+    value = json.loads(path.read_text() if text is None else text)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds no JSON object")
+    return value
+
+
+class StartUp:
+    """Everything mtp-train changes in RUN_DIR before its first step, undone when the start is refused, so a refused
+    run leaves the directory as it found it (one it created is removed). A failed earlier start's files that the
+    new start replaces are moved aside, put back by `undo`, deleted by `commit`. checkpoints/ is only ever added to
+    by a save, which comes after `commit`."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        missing = run_dir.absolute()
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        self._created = None if run_dir.exists() else missing  # the topmost folder this start creates
+        self._before: set[str] = set()
+        self._new_lock = not (run_dir / ".lock").exists()  # created by taking the lock, before `begin`
+        self._aside: Path | None = None
+        self.done = False
+
+    def begin(self) -> None:
+        """Records what RUN_DIR holds; call once its lock is held (no other trainer can add to it then)."""
+        self._before = self._listing() - ({".lock"} if self._new_lock else set())
+
+    def _listing(self) -> set[str]:
+        """Relative paths of everything in RUN_DIR but inside checkpoints/ (a save is the only writer there)."""
+        top = self.run_dir
+        found = set()
+        for path in top.rglob("*"):
+            rel = path.relative_to(top)
+            if rel.parts[0] != "checkpoints" or len(rel.parts) == 1:
+                found.add(str(rel))
+        return found
+
+    def set_aside(self, names: list[str]) -> list[str]:
+        """Moves a failed earlier start's `names` out of the way; returns those that were there."""
+        present = [n for n in names if (self.run_dir / n).exists()]
+        if present:
+            self._aside = self.run_dir / f"{_ASIDE}{os.getpid()}"
+            self._aside.mkdir()
+            for name in present:
+                os.rename(self.run_dir / name, self._aside / name)
+        return present
+
+    def commit(self) -> None:
+        """The start succeeded: files set aside now (and by starts killed before) are deleted."""
+        self.done = True
+        for path in self.run_dir.glob(f"{_ASIDE}*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+    def undo(self) -> None:
+        """The start was refused: removes what it added and puts back what it set aside."""
+        if self.done:
+            return
+        if self._created is not None:
+            shutil.rmtree(self._created, ignore_errors=True)
+            return
+        if self._aside is not None:  # first put back what was set aside, then the rest is what this start added
+            for path in self._aside.iterdir():
+                _remove(self.run_dir / path.name)
+                os.rename(path, self.run_dir / path.name)
+            self._aside.rmdir()
+        added = self._listing() - self._before
+        for rel in sorted(added, key=lambda r: r.count("/"), reverse=True):
+            _remove(self.run_dir / rel)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def read_tokenizer(folder: Path) -> Any:
@@ -142,10 +238,18 @@ def read_tokenizer(folder: Path) -> Any:
 
 
 def read_config(run_dir: str | Path) -> Config:
+    """A run's saved config; a damaged one is an error, never defaults."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (no config.yaml); pass the train.run_dir of a training run")
-    return from_dict(yaml.safe_load(path.read_text()))
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is damaged ({type(err).__name__}); restore it from a backup of the run") from None
+    if not isinstance(saved, dict) or not {"model", "train"} <= saved.keys():
+        raise ConfigError(f"{path} is damaged or not an mtp_jax config (no model: and train: sections); restore it "
+                          f"from a backup of the run")
+    return from_dict(saved)
 
 
 def restore_run(run_dir: str | Path, step: int | None = None) -> Restored:

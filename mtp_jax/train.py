@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import signal
 import sys
@@ -19,9 +20,11 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from mtp_jax import distributed, interrupts, lock, sharding
+from mtp_jax.capacity import check_training_fits
 from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data import pipeline
@@ -29,12 +32,13 @@ from mtp_jax.errors import EXIT_USER, full_disk_write_error
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
+from mtp_jax.loss import loss_weights
 from mtp_jax.metrics import DivergenceGuard, MetricsWriter
 from mtp_jax.model import attention
 from mtp_jax.model.transformer import compute_dtype
 from mtp_jax.optim import schedule
-from mtp_jax.run import (build, check_resume, clear_unfinished_run, read_config, read_tokenizer, resolve_vocab,
-                         write_run_files)
+from mtp_jax.run import (RUN_FILES, StartUp, build, check_resume, foreign_entries, read_config, read_tokenizer,
+                         resolve_vocab, write_run_files)
 
 
 SETTLE_S = 3.0  # below interrupts.GRACE_S, after which the process is forced out
@@ -105,9 +109,10 @@ def _damaged_data(error: ValueError, data_path: str) -> ConfigError | None:
                        f"again (mtp-prepare) or restore that file from a backup")
 
 
-def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, Any]:
+def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> tuple[Config, Any, float | None]:
     """Validates everything that can be checked against RUN_DIR before writing to it; returns the config
-    (vocab resolved) and the tokenizer. A resume needs its tokenizer/; a run with no checkpoint starts afresh."""
+    (vocab resolved), the tokenizer and the checkpoint's optim.lr (None if not resuming). A resume needs its
+    tokenizer/; a run with no checkpoint starts afresh."""
     primary = distributed.is_primary()
     resuming = ckpt.latest_step() is not None
     if resuming and not (run_dir / "tokenizer").is_dir():
@@ -122,7 +127,11 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, A
         check_resume(saved, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=saved.model.vocab_size)),
                      allow_data_change=converted)
     if not resuming and primary:
-        gone = clear_unfinished_run(run_dir)
+        foreign = foreign_entries(run_dir)
+        if foreign:
+            raise ConfigError(f"train.run_dir={run_dir} holds {', '.join(foreign)}, which mtp-train did not write; "
+                              f"choose a new or empty train.run_dir (nothing there was changed)")
+        gone = startup.set_aside(list(RUN_FILES))
         if gone:
             log(f"note: {run_dir} holds {', '.join(gone)} of a run that saved no checkpoint; starting afresh")
     with _unreadable_data():
@@ -135,7 +144,7 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> tuple[Config, A
     if cfg.optim.warmup_steps > cfg.train.steps:
         log(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} is longer than train.steps={cfg.train.steps}: "
             f"the learning rate never reaches optim.lr")
-    return cfg, tokenizer
+    return cfg, tokenizer, None if saved is None else saved.optim.lr
 
 
 def train(cfg: Config) -> dict:
@@ -143,24 +152,29 @@ def train(cfg: Config) -> dict:
     distributed.initialize(cfg.distributed)
     # The platform is known only now: an attention it cannot run is refused before RUN_DIR is written.
     attention.resolve(cfg.model.attention, cfg.train.seq_len, compute_dtype(cfg.model.dtype))
+    check_training_fits(cfg)  # before anything is allocated or written
     run_dir = Path(cfg.train.run_dir)
     primary = distributed.is_primary()
+    startup = StartUp(run_dir)
     lock.prepare_run_dir(run_dir)
     if primary:
         lock.acquire(run_dir)
+        startup.begin()  # under the lock: what is here now is this start's to keep or undo
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("run_dir")
-    pause_point("startup")
     tcfg = cfg.train
     ckpt = Checkpointer(run_dir / "checkpoints", tcfg.keep_checkpoints, tcfg.checkpoint_every, tcfg.async_checkpoint)
     try:
+        pause_point("startup")
         with quiet_save_failures():
-            result = _train(cfg, run_dir, ckpt)
+            result = _train(cfg, run_dir, ckpt, startup)
             ckpt.wait()  # the last async save's failure (full disk) surfaces here, inside the handlers below
             return result
     except KeyboardInterrupt:
         pause_point("interrupted")
-        ckpt.settle(SETTLE_S)  # Ctrl-C starts no save; one in flight commits within SETTLE_S or is deleted
+        if primary:
+            startup.undo()  # before the first step: as if never started
+        ckpt.settle(SETTLE_S)  # Ctrl-C starts no save; one in flight commits within SETTLE_S or is abandoned
         interrupts.exit_interrupted()
     except ConfigError as err:
         if ckpt.failed:  # a full disk mid-save: Orbax's failed threads must not be waited on or torn down
@@ -177,13 +191,15 @@ def train(cfg: Config) -> dict:
             raise
         raise full from None
     finally:
+        if primary:
+            startup.undo()  # a start that failed before its first step leaves RUN_DIR as it was (no-op after)
         ckpt.wait()
         ckpt.close()
 
 
-def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
+def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> dict:
     primary = distributed.is_primary()
-    cfg, tokenizer = _open_run(cfg, run_dir, ckpt)
+    cfg, tokenizer, saved_lr = _open_run(cfg, run_dir, ckpt, startup)
     built = build(cfg)
     fns, tcfg = built.fns, cfg.train
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -212,7 +228,10 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
             log(f"resumed from step {start} in {run_dir / 'checkpoints'}")
 
     writer = MetricsWriter(run_dir, primary, tcfg.tensorboard)
-    guard = DivergenceGuard(tcfg.max_skipped_steps)
+    if primary:
+        startup.commit()
+    guard = _divergence_guard(cfg, saved_lr)
+    guard.check_norm(start, _param_norm(state), ckpt.latest_step())
     lr = schedule(cfg.optim, tcfg.steps)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     flops_per_step = model_flops_per_token(cfg.model, tcfg.seq_len) * tokens_per_step
@@ -227,6 +246,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
         """No checkpoint holding a diverged state: the skipped-step count is checked first (a host sync the save needs anyway)."""
         if force or ckpt.should_save(step):
             guard.check(step, ckpt.latest_step())
+            guard.check_norm(step, _param_norm(state), ckpt.latest_step())
             ckpt.save(step, state, data_iter.get_state(), force=force)
 
     try:
@@ -235,7 +255,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
             state, metrics = fns.train_step(state, batch)
             step += 1
             window_steps += 1
-            guard.add(step, metrics["skipped"])
+            guard.add(step, metrics["skipped"], metrics["loss"])
             if step == start + 1:  # keep compilation out of the throughput figures
                 jax.block_until_ready(metrics)
                 window_start, window_steps = time.perf_counter(), 0
@@ -279,6 +299,18 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer) -> dict:
         if bar is not None:
             bar.close()
         writer.close()
+
+
+def _divergence_guard(cfg: Config, saved_lr: float | None) -> DivergenceGuard:
+    """The loss thresholds of this model, and the learning rate to advise: a tenth of this one, or the resumed
+    checkpoint's own if lower (a run that diverged right after raising optim.lr recovers at the old one)."""
+    uniform = float(np.sum(loss_weights(cfg.model.mtp_heads, cfg.train.loss_weights))) * math.log(cfg.model.vocab_size)
+    advised = min(cfg.optim.lr / 10, saved_lr if saved_lr is not None else math.inf)
+    return DivergenceGuard(cfg.train.max_skipped_steps, uniform, cfg.optim.warmup_steps, advised)
+
+
+def _param_norm(state: dict) -> float:
+    return float(optax.global_norm(state["params"]))
 
 
 def _report(pending: tuple[int, Any], writer: MetricsWriter, bar: Any) -> None:

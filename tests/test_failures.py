@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,8 @@ from mtp_jax.run import build, resolve_vocab
 from mtp_jax.step import keep_if_finite
 
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
-# The issue's reproduction: the loss turns non-finite a few steps in, after the step-2 checkpoint.
+# A run that trains well to step 4 at optim.lr=3e-3 (GOOD), then resumes at optim.lr=1e6 and diverges.
+GOOD = ["optim.lr=3e-3", "train.steps=4"]
 DIVERGING = ["optim.lr=1e6", "optim.warmup_steps=50", "train.log_every=10", "train.checkpoint_every=2",
              "train.steps=20", "train.tensorboard=false"]
 
@@ -49,6 +51,8 @@ def tree_listing(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def diverged(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("diverged") / "run"
+    code, _, err = finish(mtp_train(run_dir, *DIVERGING, *GOOD))
+    assert code == 0, err[-3000:]
     code, out, err = finish(mtp_train(run_dir, *DIVERGING))
     return run_dir, subprocess.CompletedProcess([], code, out, err)
 
@@ -58,12 +62,12 @@ def test_divergence_stops_and_keeps_every_good_checkpoint(diverged) -> None:
     run_dir, done = diverged
     assert done.returncode == EXIT_DIVERGED, done.stderr[-2000:]
     [line] = error_lines(done.stderr)
-    assert "Traceback" not in done.stderr and "diverged at step" in line and "lower optim.lr" in line
-    assert "warning: optim.warmup_steps=50 is longer than train.steps=20" in done.stderr  # item 6: said, not refused
+    assert "Traceback" not in done.stderr and "diverged at step" in line
+    assert "warning: optim.warmup_steps=50 is longer than train.steps=20" in done.stderr  # said, not refused
     bad_step = int(line.split("diverged at step ")[1].split(":")[0])
     steps = checkpoint_steps(run_dir)
-    assert 2 in steps and max(steps) < bad_step, (steps, line)
-    assert f"step {max(steps)}, is good" in line
+    assert steps == [2, 4] and bad_step > 4, (steps, line)
+    assert "the newest checkpoint, step 4, is from before it; rerun with optim.lr=0.003" in line
     for step in steps:  # an independent read of every checkpoint: no NaN or inf anywhere
         state = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state)), step
@@ -188,6 +192,8 @@ BAD_INPUTS = {
     "disk full writing the run's files": (lambda t, d: train_args(full_disk_at(copy_run(d, t), "versions.json")),
                                           ["cannot write a file in /", "/run: no space left on device",
                                            "GiB free there", "free space there"]),
+    "sequence that cannot fit in memory": (lambda t, d: train_args(t / "r", "train.seq_len=1000000000"),
+                                           ["train.seq_len=1000000000", "GiB is free", "lower train.seq_len"]),
     "corrupt tokenizer.json": (
         lambda t, d: ["eval", str((lambda r: (r / "tokenizer" / "tokenizer.json").write_text("{not json") and r)(
             copy_run(d, t)))], ["tokenizer", "is unreadable", "restore tokenizer/"]),
@@ -220,6 +226,8 @@ def test_eval_is_read_only_and_records_its_step(diverged, tmp_path: Path) -> Non
     """A damaged newer checkpoint: mtp-eval falls back to the newest good step, renames nothing, and writes
     only the step-named result."""
     run = copy_run(diverged, tmp_path)
+    shutil.rmtree(run / "evals")  # what the good first run's final evaluation wrote
+    (run / "eval.json").unlink()
     newest = max(checkpoint_steps(run))
     shutil.copytree(run / "checkpoints" / str(newest), run / "checkpoints" / "100")
     for f in (run / "checkpoints" / "100" / "state").rglob("*"):
@@ -266,10 +274,10 @@ def test_read_only_commands_refuse_non_finite_weights(cmd: list[str], diverged, 
 
 
 @pytest.mark.slow
-def test_resume_lists_changed_settings_and_still_writes_no_bad_checkpoint(diverged, tmp_path: Path) -> None:
-    """The newest good checkpoint of this run holds finite but huge weights (lr 1e6): the resume warns about the
-    changed settings (a changed data source too, as train.allow_data_change=true overrides its refusal), diverges
-    again, and adds no checkpoint."""
+def test_resume_lists_changed_settings_and_recovers_from_the_kept_checkpoint(diverged, tmp_path: Path) -> None:
+    """The kept checkpoint predates the divergence (no checkpoint of the lr 1e6 steps exists): the resume warns
+    about the changed settings (a changed data source too, as train.allow_data_change=true overrides its refusal)
+    and trains on from it."""
     run = copy_run(diverged, tmp_path)
     before = checkpoint_steps(run)
     done = command(*train_args(run, "optim.lr=1e-3", "train.seq_len=16", "data.max_bytes=200000",
@@ -278,7 +286,7 @@ def test_resume_lists_changed_settings_and_still_writes_no_bad_checkpoint(diverg
     assert "optim.lr 1000000.0 -> 0.001" in warning and "train.seq_len 32 -> 16" in warning
     assert "data.max_bytes 300000 -> 200000" in warning and "error:" not in done.stderr.replace("error: training", "")
     assert f"resumed from step {max(before)}" in done.stderr
-    assert done.returncode == EXIT_DIVERGED and checkpoint_steps(run) == before
+    assert done.returncode == 0 and checkpoint_steps(run)[-1] == 20 and before == [2, 4]
 
 
 def test_guard_counts_skipped_steps_up_to_the_checked_one() -> None:
@@ -289,7 +297,7 @@ def test_guard_counts_skipped_steps_up_to_the_checked_one() -> None:
     guard.check(5, last_good=4)  # step 6 not counted yet: one skipped
     guard.check(6, last_good=4)  # two skipped: still within the bound
     guard.add(7, np.float32(1.0))
-    with pytest.raises(DivergenceError, match=r"diverged at step 2: .*3 step\(s\) skipped.*step 4, is good"):
+    with pytest.raises(DivergenceError, match=r"diverged at step 2: .*3 step\(s\) skipped.*step 4, is from before"):
         guard.check(7, last_good=4)
 
 
@@ -300,3 +308,110 @@ def test_override_values_are_parsed_by_the_field_type() -> None:
                              "train.loss_weights=[1, 0.5, 0.25, 0.125]", "optim.lr=3e-4", "data.source='files'"])
     assert (cfg.data.path, cfg.train.run_dir, cfg.data.text_field, cfg.data.source) == ("*.txt", "null", "yes", "files")
     assert cfg.train.tensorboard is False and cfg.train.loss_weights == [1, 0.5, 0.25, 0.125] and cfg.optim.lr == 3e-4
+
+
+def file_bytes(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for a folder): what "unchanged" compares."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+@pytest.mark.slow
+def test_a_refused_start_changes_nothing_and_foreign_files_are_refused(diverged, tmp_path: Path) -> None:
+    """Three refused starts: a directory of someone else's files, a new directory, and the leftovers of our own
+    failed start (which the start sets aside and must put back): each is byte-for-byte what it was."""
+    foreign, ours = tmp_path / "P", tmp_path / "ours"
+    (foreign / "tokenizer").mkdir(parents=True)
+    (foreign / "config.yaml").write_text("mine\n")
+    (foreign / "metrics.jsonl").write_text("x\n")
+    ours.mkdir()
+    for name in ("config.yaml", "versions.json", "tokenizer", "data_manifest.json", "metrics.jsonl"):
+        copy = shutil.copytree if (diverged[0] / name).is_dir() else shutil.copy
+        copy(diverged[0] / name, ours / name)
+    bad_data = ["data.source=files", f"data.path={tmp_path / 'nonexistent'}"]
+    for run, words in ((foreign, ["config.yaml, metrics.jsonl", "did not write", "choose a new or empty"]),
+                       (tmp_path / "new" / "run", ["does not exist"]), (ours, ["does not exist"])):
+        before = file_bytes(run) if run.exists() else None
+        done = command(*train_args(run, *bad_data))
+        assert done.returncode == EXIT_USER and "Traceback" not in done.stderr, done.stderr[-3000:]
+        [line] = error_lines(done.stderr)
+        assert all(w in line for w in words), (line, words)
+        if before is None:
+            assert not (tmp_path / "new").exists()
+        else:
+            assert file_bytes(run) == before, run
+
+
+@pytest.mark.slow
+def test_the_advised_rerun_recovers(diverged, tmp_path: Path) -> None:
+    """The stop line's advice, followed literally, resumes from the kept checkpoint and finishes with a loss below
+    the uniform distribution's."""
+    run = copy_run(diverged, tmp_path)
+    [line] = error_lines(diverged[1].stderr)
+    advised = line.split("rerun with ")[1].split(" ")[0]
+    assert advised == "optim.lr=0.003", line
+    done = command(*train_args(run, advised))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step 4" in done.stderr and checkpoint_steps(run)[-1] == 20
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r["train/loss"] for r in rows if "train/loss" in r and r["step"] > 4][-1]
+    assert last < 2 * np.log(384), last  # two heads, weights 1: uniform over the 384-token padded vocabulary
+
+
+def test_guard_thresholds_by_loss_and_norm() -> None:
+    """Each rule fires at its documented threshold and not below it."""
+    from mtp_jax import metrics
+
+    def run(losses: list[float], warmup: int = 0) -> str | None:
+        guard = DivergenceGuard(allowed=0, uniform_loss=5.0, warmup_steps=warmup, advised_lr=1e-3)
+        try:
+            for step, loss in enumerate(losses, start=1):
+                guard.add(step, np.float32(0.0), np.float32(loss))
+                guard.check(step, last_good=None)
+        except DivergenceError as err:
+            return str(err)
+        return None
+
+    calm = [4.0] * metrics.UNIFORM_AFTER
+    assert run(calm + [4.99]) is None and "at step 21: loss 5 is at or above" in run(calm + [5.0])
+    assert run([6.0] * metrics.UNIFORM_AFTER) is None  # a fresh model sits near uniform: not yet divergence
+    assert run([6.0] * 30, warmup=40) is None  # nor during warm-up
+    spike = [1.0] * metrics.SPIKE_MIN
+    assert run(spike + [4.0]) is None
+    assert "loss 4.01 is over 4x its recent mean 1" in run(spike + [4.01])
+    assert "rerun with optim.lr=0.001 (or a larger optim.warmup_steps) to start afresh" in run(spike + [4.01])
+    guard = DivergenceGuard(allowed=0)
+    guard.check_norm(0, 2.0, None)
+    guard.check_norm(10, 200.0, 8)
+    with pytest.raises(DivergenceError, match=r"at step 12: parameter norm 201 is over 100x its 2 .*step 8, is from"):
+        guard.check_norm(12, 201.0, 8)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.worker_count=-1", "data.worker_count=-1 must be >= 0"), ("data.shuffle_seed=-1", "must be >= 0"),
+    ("model.init_std=nan", "model.init_std=nan must be a finite number"), ("model.rope_theta=0", "must be > 0"),
+    ("model.norm_eps=-1", "model.norm_eps=-1.0 must be > 0"), ("optim.lr=inf", "optim.lr=inf must be a finite"),
+    ("distributed.heartbeat_timeout=0", "must be >= 1"), ("mesh.fsdp=-2", "mesh.fsdp=-2 must be >= -1"),
+])
+def test_every_number_is_range_checked_at_load_time(override: str, words: str) -> None:
+    from mtp_jax.config import load_config
+
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_config(None, [override])
+
+
+def test_a_sweep_trainer_dies_with_its_driver(tmp_path: Path) -> None:
+    """The sweep starts trainers with `_die_with_parent`: a driver killed with -9 takes its trainer along."""
+    driver = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys\nfrom mtp_jax.sweep.local import _die_with_parent\n"
+        "child = subprocess.Popen(['sleep', '300'], preexec_fn=_die_with_parent)\n"
+        "print(child.pid, flush=True)\nchild.wait()\n")], stdout=subprocess.PIPE, text=True)
+    trainer = int(driver.stdout.readline())
+    driver.kill()
+    driver.wait()
+    deadline = time.time() + 30
+    while Path(f"/proc/{trainer}").exists() and time.time() < deadline:
+        if Path(f"/proc/{trainer}/stat").read_text().split()[2] == "Z":  # dead, waiting to be reaped by init
+            break
+        time.sleep(0.05)
+    gone = not Path(f"/proc/{trainer}").exists() or Path(f"/proc/{trainer}/stat").read_text().split()[2] == "Z"
+    assert gone, "the trainer outlived its driver"

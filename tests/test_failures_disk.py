@@ -207,3 +207,23 @@ def test_damaged_prepared_shard_is_one_line_exit_2(tmp_path: Path) -> None:
     assert done.returncode == EXIT_USER and len(lines) == 1, done.stderr[-3000:]
     assert lines[0].startswith(f"error: cannot read {shard} in data.path={tmp_path / 'out'}: it is damaged (")
     assert "prepare the data again (mtp-prepare)" in lines[0]
+
+
+def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path: Path, file_size_limit) -> None:
+    """write_atomic past the file-size limit: EFBIG, the old bytes intact, no temporary left; a truncated or
+    foreign config.yaml is then an error, never defaults."""
+    from mtp_jax.atomic import write_atomic
+    from mtp_jax.run import read_config
+
+    target = tmp_path / "config.yaml"
+    target.write_text("model: {}\ntrain: {}\n")
+    file_size_limit(1000)
+    with pytest.raises(OSError) as caught:
+        write_atomic(target, "x" * 5000)
+    assert caught.value.errno == errno.EFBIG
+    assert target.read_text() == "model: {}\ntrain: {}\n" and os.listdir(tmp_path) == ["config.yaml"]
+    assert read_config(tmp_path).model.d_model > 0
+    for damaged in ("model:\n  d_model: [1,\n", "mine\n", ""):
+        target.write_text(damaged)
+        with pytest.raises(UserError, match=r"config.yaml is damaged.*restore it from a backup"):
+            read_config(tmp_path)

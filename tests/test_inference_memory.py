@@ -15,7 +15,8 @@ import pytest
 
 from mtp_jax.config import load_config
 from mtp_jax.convert.cli import main as convert
-from mtp_jax.decode.memory import DEVICE_MEMORY_ENV, GIB, host_available_bytes, make_plan, plan_bytes
+from mtp_jax.capacity import host_available_bytes
+from mtp_jax.decode.memory import DEVICE_MEMORY_ENV, GIB, make_plan, plan_bytes
 from mtp_jax.errors import UserError
 from mtp_jax.run import load_run
 

@@ -30,13 +30,13 @@ slice of one array, or two where it crosses a part boundary.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import tensorstore as ts
 
+from mtp_jax.atomic import write_atomic
 from mtp_jax.errors import UserError
 
 SPLITS = ("train", "val")
@@ -108,9 +108,7 @@ def open_array(path: Path) -> Any:
 
 def write_json(path: Path, value: dict) -> None:
     """Renamed into place, so a reader (or a resumed preparation) never sees half a file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=2))
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
+from mtp_jax.atomic import write_atomic
 from mtp_jax.config import ConfigError, DataConfig
 
 META_FILE = "tokenizer.json"
@@ -53,7 +54,7 @@ class Tokenizer(Protocol):
 def _write_meta(directory: str | Path, meta: dict) -> Path:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+    write_atomic(path / META_FILE, json.dumps(meta, indent=2))
     return path
 
 

@@ -22,6 +22,7 @@ import math
 import os
 from pathlib import Path
 
+from mtp_jax.capacity import host_available_bytes
 from mtp_jax.config import Config, ConfigError
 
 DEVICE_MEMORY_ENV = "MTP_JAX_DEVICE_MEMORY_BYTES"  # for tests and dry runs: bytes per device
@@ -81,16 +82,6 @@ def available_memory() -> tuple[int, int]:
         except ValueError:
             raise ConfigError(f"{DEVICE_MEMORY_ENV}={override!r} must be a whole number of bytes") from None
     return (min(limits) if all(limits) else host_available_bytes()), pools
-
-
-def host_available_bytes() -> int:
-    """Memory the host can give without swapping (MemAvailable), not its total RAM."""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 @dataclasses.dataclass(frozen=True)

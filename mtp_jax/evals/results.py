@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from mtp_jax.atomic import write_atomic
 from mtp_jax.errors import DivergenceError, UserError
 
 SCHEMA = 1
@@ -53,9 +53,7 @@ def make_record(task: str, step: int, metrics: dict[str, float], details: dict[s
 
 def write_json_atomic(path: Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2))
     return path
 
 

@@ -8,6 +8,7 @@ memory, its own compile cache), so a failed point is recorded and the sweep goes
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import IO, TextIO
 
+from mtp_jax.atomic import write_atomic
 from mtp_jax.errors import UserError
 from mtp_jax.sweep.experiment import Experiment, Point
 
@@ -40,7 +42,15 @@ def claim_results_dir(experiment: Experiment) -> None:
                             f"'{experiment.name}'; set another results_dir in {experiment.path}")
         return
     experiment.results_dir.mkdir(parents=True, exist_ok=True)
-    owner.write_text(json.dumps({"name": experiment.name, "experiment": str(experiment.path)}, indent=2))
+    write_atomic(owner, json.dumps({"name": experiment.name, "experiment": str(experiment.path)}, indent=2))
+
+
+def _die_with_parent() -> None:
+    """In the trainer before exec: SIGTERM when the sweep driver dies however it dies (kill -9 too), so no orphan
+    finishes a point the rerun has marked failed; the trainer saves its step on SIGTERM as on preemption."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def status(experiment: Experiment, point: Point) -> str:
@@ -83,7 +93,8 @@ def run_point(experiment: Experiment, point: Point) -> tuple[int, float]:
     env = {"JAX_COMPILATION_CACHE_DIR": str(experiment.results_dir / "jax_cache"), **os.environ}
     start = time.monotonic()
     with open(run_dir / LOG_FILE, "a") as log:
-        child = subprocess.Popen([*train_command(), str(experiment.base), *point.args()], stdout=log, stderr=log, env=env)
+        child = subprocess.Popen([*train_command(), str(experiment.base), *point.args()], stdout=log, stderr=log, env=env,
+                                 preexec_fn=_die_with_parent)
         # SIGTERM (a preempted sweep driver) goes on to mtp-train, which saves a checkpoint and exits.
         previous = signal.signal(signal.SIGTERM, lambda *_: (STOP.set(), child.send_signal(signal.SIGTERM)))
         try:
@@ -91,7 +102,7 @@ def run_point(experiment: Experiment, point: Point) -> tuple[int, float]:
         finally:
             signal.signal(signal.SIGTERM, previous)
     if code != 0:
-        (run_dir / FAILED_FILE).write_text(json.dumps({"returncode": code, "log": str(run_dir / LOG_FILE)}))
+        write_atomic(run_dir / FAILED_FILE, json.dumps({"returncode": code, "log": str(run_dir / LOG_FILE)}))
     return code, time.monotonic() - start
 
 
