@@ -29,6 +29,9 @@ HEADS = (1, 2, 4)
 # One v5p pod slice of 128 chips (v5p-256) for every size: the paper's batch of 2048 x 4096 tokens
 # is then 16 sequences per chip, FSDP over all 128 chips.
 TOPOLOGY = {size: "v5p:4x4x8" for size in SIZES}
+# One host of 8 H100s at the same per-device load (16 sequences of 4096 each); the paper's batch
+# then takes 16 such hosts (mesh.dcn_data=16) or 16 micro-batches.
+GPU_TOPOLOGY, GPU_OVERRIDES = "h100:8", ["train.batch_size=128", "mesh.data=1", "mesh.fsdp=-1"]
 # Attention kernels at T = 4096 and 8192: the 0.3B shape, n = 4, 16 sequences over 8 chips.
 ATTENTION = ("splash", "blockwise", "xla")
 ATTENTION_RUN = ("experiments/paper/0.3b_n4.yaml", "v5p:2x2x2", ["train.batch_size=16"])
@@ -39,9 +42,24 @@ def command(config: str, topology: str, overrides: list[str]) -> list[str]:
     return ["mtp-compile", config, "--topology", topology, *overrides]
 
 
+_DONE: dict[str, dict[str, Any]] = {}  # command -> row, from --rows (each row appended as it completes)
+_ROWS: list[Path] = []
+
+
 def compile_one(config: str, topology: str, overrides: list[str] = ()) -> dict[str, Any]:
-    """The train report of one `mtp-compile` run, or the error line it ended with."""
+    """The train report of one `mtp-compile` run, or the error line it ended with (a row already in
+    the --rows file is read back instead of compiled again)."""
     cmd = command(config, topology, list(overrides))
+    if " ".join(cmd) in _DONE:
+        return _DONE[" ".join(cmd)]
+    row = _compile(cmd)
+    if _ROWS:
+        with _ROWS[0].open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def _compile(cmd: list[str]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "mtp_jax.aot", *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     row: dict[str, Any] = {"command": " ".join(cmd), "returncode": proc.returncode}
@@ -112,7 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--estimate", action="store_true", help="also the unrolled probes and extrapolated estimates")
     ap.add_argument("--only-estimate", type=Path, help="skip the grid's compiles: read them from this earlier --out")
     ap.add_argument("--out", type=Path, help="also write the JSON summary here")
+    ap.add_argument("--rows", type=Path, help="JSON lines of finished compiles: appended to, and read back on a rerun")
+    ap.add_argument("--gpu", action="store_true", help=f"compile for {GPU_TOPOLOGY} instead (needs the gpu extra)")
     args = ap.parse_args(argv)
+    if args.rows is not None:
+        _ROWS.append(args.rows)
+        if args.rows.is_file():
+            _DONE.update({row["command"]: row for row in map(json.loads, args.rows.read_text().splitlines()) if row})
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
@@ -122,12 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     grid = json.loads(args.only_estimate.read_text())["grid"] if args.only_estimate else []
     for size in [] if args.only_estimate else sizes:
         for n in (int(h) for h in args.heads.split(",") if h):
-            row = compile_one(f"experiments/paper/{size}_n{n}.yaml", TOPOLOGY[size])
-            grid.append({"size": size, "n": n, "topology_name": TOPOLOGY[size], **row})
+            topology, extra = (GPU_TOPOLOGY, GPU_OVERRIDES) if args.gpu else (TOPOLOGY[size], [])
+            row = compile_one(f"experiments/paper/{size}_n{n}.yaml", topology, extra)
+            grid.append({"size": size, "n": n, "topology_name": topology, **row})
             print(json.dumps({k: grid[-1].get(k) for k in ("command", "fits", "compiler_estimate_s", "error")}),
                   file=sys.stderr, flush=True)
     probes = {}
-    if args.estimate or args.only_estimate:
+    if (args.estimate or args.only_estimate) and not args.gpu:  # the GPU compiler gives no time estimate
         from mtp_jax.config import load_config
         from mtp_jax.flops import peak_flops
 
