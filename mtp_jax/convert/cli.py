@@ -96,7 +96,7 @@ def meta_model_config(params: dict, vocab_rows: int) -> ModelConfig:
     vocab = llama.field(params, "vocab_size", where, -1)
     if vocab not in (-1, vocab_rows):
         raise UserError(f"params.json vocab_size={vocab!r} disagrees with tok_embeddings.weight's {vocab_rows} rows")
-    multiplier = llama.real(params, "ffn_dim_multiplier", where, None) if params.get("ffn_dim_multiplier") else None
+    multiplier = llama.real(params, "ffn_dim_multiplier", where) if params.get("ffn_dim_multiplier") is not None else None
     d_ff = llama.meta_ffn_width(dim, llama.count(params, "multiple_of", where, 256), multiplier)
     n_heads = llama.count(params, "n_heads", where)
     return ModelConfig(
