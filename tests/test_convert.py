@@ -4,8 +4,13 @@ Hugging Face's LlamaForCausalLM. No torch here."""
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import struct
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import jax
@@ -226,3 +231,118 @@ def test_converted_meta_model_sees_bos_first_and_matches_the_reference(runs):
     assert prompt == [sp.bos_id(), *sp.encode("def add(a, b):\n    return")] and sp.bos_id() >= 0
     want = meta_forward(sd, args, np.array([prompt]))
     np.testing.assert_allclose(run_logits(str(runs / "meta"), np.array([prompt])), want, atol=1e-4, rtol=0)
+
+
+# --- hostile files: each is refused with one line before anything is read or written ----------------
+def _rezip(pth: Path, edit) -> None:
+    """Rewrites a torch.save zip with `edit(name, data) -> data` applied to every member (all stored)."""
+    with zipfile.ZipFile(pth) as archive:
+        members = [(i.filename, archive.read(i)) for i in archive.infolist()]
+    with zipfile.ZipFile(pth, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members:
+            archive.writestr(name, edit(name, data))
+
+
+def _patch_pickle(old: bytes, new: bytes):
+    def edit(name: str, data: bytes) -> bytes:
+        if not name.endswith("data.pkl"):
+            return data
+        assert data.count(old) >= 1, old
+        return data.replace(old, new, 1)  # the first tensor: tok_embeddings.weight
+    return edit
+
+
+def _edit_json(name: str, **fields):
+    def edit(src: Path) -> None:
+        data = json.loads((src / name).read_text())
+        data.update(fields)
+        (src / name).write_text(json.dumps(data))
+    return edit
+
+
+def _edit_header(edit):
+    """Rewrites model.safetensors with `edit(header)` applied to its JSON header (data bytes unchanged)."""
+    def apply(src: Path) -> None:
+        raw = (src / "model.safetensors").read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + length])
+        edit(header)
+        text = json.dumps(header).encode()
+        (src / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    return apply
+
+
+def _last_offsets(header: dict) -> None:
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    header[name]["data_offsets"][1] += 4096
+
+
+_PTH = "consolidated.00.pth"
+# tok_embeddings.weight in the fixture's pickle: sizes (256, 32), then strides (32, 1)
+_EMBED_STRIDES = b"K\x20K\x01\x86"
+_EMBED_GEOMETRY = b"M\x00\x01K\x20\x86q\x08" + _EMBED_STRIDES
+HOSTILE = {  # case: (command, the file named in the error line, corruption, what the line says)
+    "truncated storage": ("from-meta", _PTH, lambda s: _rezip(s / _PTH, lambda n, d: d[:100] if n.endswith("data/0") else d),
+                          "tensor 'tok_embeddings.weight' in"),
+    "stride out of bounds": ("from-meta", _PTH, lambda s: _rezip(s / _PTH, _patch_pickle(_EMBED_STRIDES, b"K\x40K\x01\x86")),
+                             "strides (64, 1) reach element 16351 of a storage of 8192 elements (out of bounds)"),
+    "stride 0 with a huge params.json": (
+        "from-meta", _PTH,
+        lambda s: (_rezip(s / _PTH, _patch_pickle(_EMBED_GEOMETRY, b"M\x00\x7dM\x00\x10\x86q\x08K\x00K\x00\x86")),
+                   _edit_json("params.json", dim=4096, vocab_size=32000)(s)),
+        "strides (0, 0) for sizes (32000, 4096) overlap"),
+    "garbage pickle": ("from-meta", _PTH, lambda s: _rezip(s / _PTH, lambda n, d: np.random.default_rng(0).bytes(len(d))
+                                                           if n.endswith("data.pkl") else d), "data.pkl is malformed"),
+    "foreign global": ("from-meta", _PTH, lambda s: _rezip(s / _PTH, lambda n, d: (
+        b"\x80\x02cos\nsystem\nX" + struct.pack("<I", len(f"touch {s}/ran")) + f"touch {s}/ran".encode() + b"\x85R.")
+        if n.endswith("data.pkl") else d), "names os.system, which a PyTorch state dict does not use"),
+    "not a zip": ("from-meta", _PTH, lambda s: (s / _PTH).write_bytes(b"\x80\x02}q\x00."), "is not a PyTorch zip"),
+    "heads=0 in params.json": ("from-meta", "params.json", _edit_json("params.json", n_heads=0),
+                               "n_heads=0 must be a whole number >= 1"),
+    "invalid params.json": ("from-meta", "params.json", lambda s: (s / "params.json").write_text('{"dim": 32,'),
+                            "is not valid JSON"),
+    "heads=0 in config.json": ("from-hf", "config.json", _edit_json("config.json", num_attention_heads=0),
+                               "num_attention_heads=0 must be a whole number >= 1"),
+    "invalid config.json": ("from-hf", "config.json", lambda s: (s / "config.json").write_text("[1, 2"), "is not valid JSON"),
+    "offsets past the file": ("from-hf", "model.safetensors", _edit_header(_last_offsets), "outside the file's"),
+    "header length past the file": ("from-hf", "model.safetensors", lambda s: (s / "model.safetensors").write_bytes(
+        struct.pack("<Q", 2**62) + (s / "model.safetensors").read_bytes()[8:]), "-byte header but holds"),
+    "shape larger than its bytes": ("from-hf", "model.safetensors",
+                                    _edit_header(lambda h: h["model.norm.weight"].update(shape=[32, 4096])),
+                                    "tensor 'model.norm.weight' in"),
+    "index naming /etc/passwd": ("from-hf", "model.safetensors.index.json", lambda s: (s / "model.safetensors.index.json")
+                                 .write_text(json.dumps({"weight_map": {"model.norm.weight": "/etc/passwd"}})),
+                                 "names '/etc/passwd', outside the checkpoint folder"),
+    "index naming ../": ("from-hf", "model.safetensors.index.json", lambda s: (s / "model.safetensors.index.json")
+                         .write_text(json.dumps({"weight_map": {"model.norm.weight": "../../../../etc/passwd"}})),
+                         "outside the checkpoint folder"),
+    "side file metadata": ("from-hf", "mtp_heads.safetensors", lambda s: write_safetensors(
+        s / "mtp_heads.safetensors", {}, {"n_future_tokens": "two"}), "n_future_tokens='two'"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_checkpoint_is_one_line_and_leaves_no_trace(tmp_path, case):
+    """Through the CLI: exit 2, one `error:` line naming the problem, no traceback, no crash, RUN_DIR absent and
+    no temporary sibling left; a pickle's foreign global never runs."""
+    command, file, corrupt, expect = HOSTILE[case]
+    src = _copy("meta_tiny" if command == "from-meta" else "hf_tiny", tmp_path)
+    corrupt(src)
+    done = subprocess.run([sys.executable, "-m", "mtp_jax.convert.cli", command, str(src), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    assert expect in lines[0] and file in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name] and not (src / "ran").exists()
+
+
+def test_conversion_cut_while_writing_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
+    """A failure inside the write (here: a full disk at the checkpoint) removes the half-written folder."""
+    from mtp_jax.checkpoint import Checkpointer
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Checkpointer, "save", full)
+    assert "no space left on device" in _error(capsys, ["from-meta", str(FIX / "meta_tiny"), str(tmp_path / "run")])
+    assert list(tmp_path.iterdir()) == []

@@ -11,8 +11,11 @@ checkpoint holds parameters only; mtp-eval and mtp-generate read it like any tra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import secrets
 import shutil
 import sys
 from collections.abc import Mapping
@@ -24,7 +27,8 @@ import numpy as np
 from mtp_jax.config import Config, ModelConfig, validate
 from mtp_jax.convert import llama
 from mtp_jax.convert.heads import new_head_count, resize_heads, resized_config
-from mtp_jax.convert.safetensors_io import read_safetensors, read_safetensors_dir, write_safetensors
+from mtp_jax.convert.files import read_json
+from mtp_jax.convert.safetensors_io import read_metadata, read_safetensors, read_safetensors_dir, write_safetensors
 from mtp_jax.convert.torch_zip import load_torch_file
 from mtp_jax.data.tokenizer import SPM_FILE, PretrainedTokenizer
 from mtp_jax.errors import ArgParser, UserError, guarded
@@ -37,8 +41,12 @@ _SHARD_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1
 class _MergedShards(Mapping):
     """Meta's consolidated.NN.pth shards seen as one state dict; a tensor is joined only when read."""
 
-    def __init__(self, shards: list[dict[str, np.ndarray]]):
-        self.shards = shards
+    def __init__(self, shards: list[dict[str, np.ndarray]], files: list[Path]):
+        self.shards, self.files = shards, files
+        for shard, file in zip(shards[1:], files[1:]):
+            if shard.keys() != shards[0].keys():
+                name = min(shard.keys() ^ shards[0].keys())
+                raise UserError(f"tensor '{name}' is in only some of the shards {files[0].name}, {file.name}")
 
     def __getitem__(self, name: str) -> np.ndarray:
         parts = [s[name] for s in self.shards]
@@ -57,11 +65,17 @@ class _MergedShards(Mapping):
         return len(self.shards[0])
 
     def shape(self, name: str) -> tuple[int, ...]:
-        shapes = [s[name].shape for s in self.shards]
-        axis = _SHARD_AXIS.get(name.split(".")[-2])
-        if len(shapes) == 1 or axis is None:
-            return tuple(shapes[0])
-        return tuple(sum(s[axis] for s in shapes) if a == axis else n for a, n in enumerate(shapes[0]))
+        """The joined shape; shards must agree on every other axis (and on all of them for a replicated tensor)."""
+        shapes = [tuple(s[name].shape) for s in self.shards]
+        axis = _SHARD_AXIS.get(name.split(".")[-2]) if len(shapes) > 1 else None
+        if axis is not None and len(shapes[0]) > axis:
+            rest = {s[:axis] + s[axis + 1:] for s in shapes}
+            if len(rest) == 1 and all(len(s) == len(shapes[0]) for s in shapes):
+                return tuple(sum(s[axis] for s in shapes) if a == axis else n for a, n in enumerate(shapes[0]))
+        elif len(set(shapes)) == 1:
+            return shapes[0]
+        raise UserError(f"tensor '{name}' has shapes {', '.join(map(str, shapes))} in the shards "
+                        f"{', '.join(f.name for f in self.files)}, which do not join")
 
 
 @dataclasses.dataclass
@@ -78,19 +92,19 @@ def _shape_view(merged: _MergedShards) -> dict:
 def meta_model_config(params: dict, vocab_rows: int) -> ModelConfig:
     """Our model config from Meta's params.json (n_layers counts trunk plus every head block)."""
     where = "params.json"
-    dim = int(llama.field(params, "dim", where))
-    n = int(llama.field(params, "n_future_tokens", where, 1))
-    vocab = int(llama.field(params, "vocab_size", where, -1))
+    dim = llama.count(params, "dim", where)
+    vocab = llama.field(params, "vocab_size", where, -1)
     if vocab not in (-1, vocab_rows):
-        raise UserError(f"params.json vocab_size={vocab} disagrees with tok_embeddings.weight's {vocab_rows} rows")
-    d_ff = llama.meta_ffn_width(dim, int(llama.field(params, "multiple_of", where, 256)),
-                                params.get("ffn_dim_multiplier"))
-    n_heads = int(llama.field(params, "n_heads", where))
+        raise UserError(f"params.json vocab_size={vocab!r} disagrees with tok_embeddings.weight's {vocab_rows} rows")
+    multiplier = llama.real(params, "ffn_dim_multiplier", where) if params.get("ffn_dim_multiplier") is not None else None
+    d_ff = llama.meta_ffn_width(dim, llama.count(params, "multiple_of", where, 256), multiplier)
+    n_heads = llama.count(params, "n_heads", where)
     return ModelConfig(
-        vocab_size=vocab_rows, d_model=dim, n_layers=int(llama.field(params, "n_layers", where)),
-        attn_heads=n_heads, kv_heads=int(params.get("n_kv_heads") or n_heads), head_dim=dim // n_heads,
-        d_ff=d_ff, mtp_heads=n, rope_theta=float(params.get("rope_theta", 10000.0)), rope_layout="interleaved",
-        norm_eps=float(llama.field(params, "norm_eps", where, 1e-5)), dtype="float32",
+        vocab_size=vocab_rows, d_model=dim, n_layers=llama.count(params, "n_layers", where),
+        attn_heads=n_heads, kv_heads=llama.count(params, "n_kv_heads", where, n_heads), head_dim=dim // n_heads,
+        d_ff=d_ff, mtp_heads=llama.count(params, "n_future_tokens", where, 1),
+        rope_theta=llama.real(params, "rope_theta", where, 10000.0), rope_layout="interleaved",
+        norm_eps=llama.real(params, "norm_eps", where, 1e-5), dtype="float32",
     )
 
 
@@ -98,10 +112,10 @@ def from_meta(src: Path, run_dir: Path, tokenizer_path: Path | None) -> ModelCon
     shards = sorted(src.glob("consolidated.*.pth"))
     if not shards or not (src / "params.json").is_file():
         raise UserError(f"'{src}' needs params.json and consolidated.*.pth (Meta's Llama format)")
-    params_json = json.loads((src / "params.json").read_text())
-    tensors = _MergedShards([load_torch_file(p) for p in shards])
-    if "tok_embeddings.weight" not in tensors:
-        raise UserError(f"checkpoint {src} lacks tensor 'tok_embeddings.weight'; is it a Llama-format state dict?")
+    params_json = read_json(src / "params.json")
+    tensors = _MergedShards([load_torch_file(p) for p in shards], shards)
+    if "tok_embeddings.weight" not in tensors or len(tensors.shape("tok_embeddings.weight")) != 2:
+        raise UserError(f"checkpoint {src} lacks a 2-D tensor 'tok_embeddings.weight'; is it a Llama-format state dict?")
     cfg = meta_model_config(params_json, tensors.shape("tok_embeddings.weight")[0])
     validate(Config(model=cfg))
     prefixes = llama.block_prefixes(cfg, llama.META)
@@ -119,6 +133,8 @@ def from_meta(src: Path, run_dir: Path, tokenizer_path: Path | None) -> ModelCon
 def _hf_supported(hf: dict) -> None:
     where = "config.json"
     llama.field(hf, "model_type", where, check=lambda v: v == "llama")
+    llama.field(hf, "rope_parameters", where, {}, check=lambda v: isinstance(v, dict))
+    llama.field(hf, "tie_word_embeddings", where, False, check=lambda v: isinstance(v, bool))
     for key, ok in (("hidden_act", "silu"), ("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)):
         if hf.get(key, ok) != ok:
             raise UserError(f"config.json field {key}={hf[key]!r} is not supported by mtp-convert (needs {ok!r})")
@@ -129,20 +145,22 @@ def _hf_supported(hf: dict) -> None:
 
 def _rope_theta(hf: dict) -> float:
     """transformers >= 5 writes rope_parameters.rope_theta; earlier versions a top-level rope_theta."""
-    return float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0)))
+    where = "config.json"
+    return llama.real(hf.get("rope_parameters") or {}, "rope_theta", where, llama.real(hf, "rope_theta", where, 10000.0))
 
 
 def hf_model_config(hf: dict, heads: int) -> ModelConfig:
     _hf_supported(hf)
     where = "config.json"
-    d, n_heads = int(llama.field(hf, "hidden_size", where)), int(llama.field(hf, "num_attention_heads", where))
+    d, n_heads = llama.count(hf, "hidden_size", where), llama.count(hf, "num_attention_heads", where)
     return ModelConfig(
-        vocab_size=int(llama.field(hf, "vocab_size", where)), d_model=d,
-        n_layers=int(llama.field(hf, "num_hidden_layers", where)) - 1 + heads, attn_heads=n_heads,
-        kv_heads=int(hf.get("num_key_value_heads") or n_heads), head_dim=int(hf.get("head_dim") or d // n_heads),
-        d_ff=int(llama.field(hf, "intermediate_size", where)), mtp_heads=heads,
-        rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype="float32",
+        vocab_size=llama.count(hf, "vocab_size", where), d_model=d,
+        n_layers=llama.count(hf, "num_hidden_layers", where) - 1 + heads, attn_heads=n_heads,
+        kv_heads=llama.count(hf, "num_key_value_heads", where, n_heads),
+        head_dim=llama.count(hf, "head_dim", where, max(d // n_heads, 1)),
+        d_ff=llama.count(hf, "intermediate_size", where), mtp_heads=heads,
+        rope_theta=_rope_theta(hf), norm_eps=llama.real(hf, "rms_norm_eps", where, 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings") is True, dtype="float32",
     )
 
 
@@ -152,7 +170,7 @@ def _hf_tokenizer(src: Path) -> PretrainedTokenizer:
     if (src / "tokenizer.json").is_file():
         config = {}
         if (src / "tokenizer_config.json").is_file():
-            config = json.loads((src / "tokenizer_config.json").read_text())
+            config = read_json(src / "tokenizer_config.json")
         token = lambda key: (lambda t: t.get("content") if isinstance(t, dict) else t)(config.get(key))
         bos = token("bos_token") if config.get("add_bos_token", True) else None
         return PretrainedTokenizer(src / "tokenizer.json", token("eos_token"), bos)
@@ -166,9 +184,8 @@ def from_hf(src: Path, run_dir: Path, add_heads: int) -> ModelConfig:
         raise UserError(f"'{src}' has no config.json; point at a Hugging Face Llama model folder")
     tensors = dict(read_safetensors_dir(src))
     side = read_safetensors(src / SIDE_FILE) if (src / SIDE_FILE).is_file() else {}
-    meta = _side_metadata(src / SIDE_FILE)
-    extra = int(meta.get("n_future_tokens", 1)) - 1
-    cfg = hf_model_config(json.loads((src / "config.json").read_text()), 1 + extra + add_heads)
+    extra, layout = _side_metadata(src / SIDE_FILE)
+    cfg = hf_model_config(read_json(src / "config.json"), 1 + extra + add_heads)
     validate(Config(model=cfg))
     main = llama.block_prefixes(dataclasses.replace(cfg, mtp_heads=1, n_layers=cfg.n_layers - extra - add_heads), llama.HF)
     implied = (f"config.json (hidden_size={cfg.d_model}, num_hidden_layers={len(main)}, "
@@ -177,7 +194,6 @@ def from_hf(src: Path, run_dir: Path, add_heads: int) -> ModelConfig:
     side_prefixes = [f"extra_heads.{j}." for j in range(extra)]
     llama.check_tensors(side, llama.expected(cfg, llama.HF, side_prefixes, top=False), str(src / SIDE_FILE),
                         f"its n_future_tokens={extra + 1}")
-    layout = meta.get("rope_layout", "half")
     cfg = dataclasses.replace(cfg, rope_layout=layout)
     permute = np.argsort(llama.half_permutation(cfg.head_dim_)) if layout == "interleaved" else None
     prefixes = main + side_prefixes + [main[-1]] * add_heads  # new heads start as copies of head 1
@@ -185,13 +201,14 @@ def from_hf(src: Path, run_dir: Path, add_heads: int) -> ModelConfig:
     return cfg
 
 
-def _side_metadata(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return dict(f.metadata() or {})
+def _side_metadata(path: Path) -> tuple[int, str]:
+    """The side file's extra head count (n_future_tokens - 1) and RoPE layout; (0, 'half') without one."""
+    meta = read_metadata(path) if path.is_file() else {}
+    n, layout = meta.get("n_future_tokens", "1"), meta.get("rope_layout", "half")
+    if not n.isdecimal() or int(n) < 1 or layout not in ("half", "interleaved"):
+        raise UserError(f"'{path}' metadata n_future_tokens={n!r}, rope_layout={layout!r} is not a count >= 1 "
+                        f"and one of half, interleaved")
+    return int(n) - 1, layout
 
 
 def to_hf(run_dir: Path, out: Path) -> ModelConfig:
@@ -263,23 +280,45 @@ def write_run(run_dir: Path, model_cfg: ModelConfig, params: dict, tokenizer: Pr
     save_run(run_dir, cfg, params, tokenizer)
 
 
+def check_new_run_dir(run_dir: Path) -> None:
+    """A conversion makes a new run directory: RUN_DIR must not exist, or be an empty folder."""
+    if run_dir.exists() and not (run_dir.is_dir() and not any(run_dir.iterdir())):
+        raise UserError(f"'{run_dir}' already exists and is not an empty folder; convert into a new directory")
+
+
+@contextlib.contextmanager
+def _staged(run_dir: Path) -> Iterator[Path]:
+    """A hidden sibling folder that is renamed to `run_dir` when the block completes and removed when it
+    fails or is interrupted: a conversion leaves a whole run directory or none."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir.parent / f".{run_dir.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_new_run_dir(run_dir)
+        os.rename(tmp, run_dir)  # replaces an empty folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_run(run_dir: Path, cfg: Config, params: dict, tokenizer: object) -> None:
     """A run directory for `cfg` whose checkpoint (step 0) holds `params` only: mtp-train fine-tunes it."""
     from mtp_jax.checkpoint import Checkpointer
     from mtp_jax.run import write_run_files
 
-    if (run_dir / "checkpoints").exists():
-        raise UserError(f"'{run_dir}' already holds checkpoints; convert into a new directory")
+    check_new_run_dir(run_dir)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir)))
     validate(cfg)
-    write_run_files(run_dir, cfg)
-    tokenizer.save(run_dir / "tokenizer")
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=1, save_every=1, async_save=False)
-    try:
-        ckpt.save(0, {"params": params}, {}, force=True)
-        ckpt.wait()
-    finally:
-        ckpt.close()
+    with _staged(run_dir) as tmp:
+        write_run_files(tmp, cfg)
+        tokenizer.save(tmp / "tokenizer")
+        ckpt = Checkpointer(tmp / "checkpoints", keep=1, save_every=1, async_save=False)
+        try:
+            ckpt.save(0, {"params": params}, {}, force=True)
+            ckpt.wait()
+        finally:
+            ckpt.close()
 
 
 @guarded
@@ -303,6 +342,8 @@ def main(argv: list[str]) -> int:
     resize.add_argument("--keep", type=int, default=None, help="keep heads 1..K (K = 1: the next-token model)")
     resize.add_argument("--add-heads", type=int, default=None, help="add N heads, copies of the last one")
     args = parser.parse_args(argv)
+    if args.command != "to-hf":
+        check_new_run_dir(getattr(args, "new_run_dir", None) or args.run_dir)
     if args.command == "from-meta":
         cfg = from_meta(args.src, args.run_dir, args.tokenizer)
     elif args.command == "from-hf":
@@ -317,3 +358,7 @@ def main(argv: list[str]) -> int:
     print(f"{args.command}: {cfg.n_layers} blocks, n = {cfg.mtp_heads} heads, d_model {cfg.d_model}, "
           f"vocab {cfg.vocab_size} -> {target}")
     return 0
+
+
+if __name__ == "__main__":  # python -m mtp_jax.convert.cli ... (the mtp-convert entry point)
+    main()

@@ -9,6 +9,7 @@ Meta's q/k rows rotate interleaved pairs; Hugging Face's are permuted to the hal
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import numpy as np
@@ -159,13 +160,32 @@ def meta_ffn_width(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def field(source: dict, key: str, where: str, default: object = None, check: Callable | None = None) -> object:
-    """A config field, or a one-line error naming it."""
-    if key not in source:
-        if default is None:
+_REQUIRED = object()
+
+
+def field(source: dict, key: str, where: str, default: object = _REQUIRED, check: Callable | None = None) -> object:
+    """A config field (null counts as absent), or a one-line error naming it."""
+    value = source.get(key)
+    if value is None:
+        if default is _REQUIRED:
             raise UserError(f"{where} lacks the field '{key}'")
         return default
-    value = source[key]
     if check is not None and not check(value):
         raise UserError(f"{where} field {key}={value!r} is not supported by mtp-convert")
     return value
+
+
+def count(source: dict, key: str, where: str, default: object = _REQUIRED) -> int:
+    """A whole-number field >= 1 (a size: checked before anything divides by it or allocates it)."""
+    value = field(source, key, where, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{where} field {key}={value!r} must be a whole number >= 1")
+    return value
+
+
+def real(source: dict, key: str, where: str, default: object = _REQUIRED) -> float:
+    """A finite number field > 0."""
+    value = field(source, key, where, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{where} field {key}={value!r} must be a finite number > 0")
+    return float(value)
