@@ -44,6 +44,7 @@ def command(config: str, topology: str, overrides: list[str]) -> list[str]:
 
 _DONE: dict[str, dict[str, Any]] = {}  # command -> row, from --rows (each row appended as it completes)
 _ROWS: list[Path] = []
+_READ_ONLY: list[bool] = []  # --no-compile: tables from the --rows file alone
 
 
 def compile_one(config: str, topology: str, overrides: list[str] = ()) -> dict[str, Any]:
@@ -52,6 +53,8 @@ def compile_one(config: str, topology: str, overrides: list[str] = ()) -> dict[s
     cmd = command(config, topology, list(overrides))
     if " ".join(cmd) in _DONE:
         return _DONE[" ".join(cmd)]
+    if _READ_ONLY:
+        return {"command": " ".join(cmd), "error": "not compiled yet"}
     row = _compile(cmd)
     if _ROWS:
         with _ROWS[0].open("a") as f:
@@ -104,10 +107,18 @@ def grid_table(rows: list[dict[str, Any]]) -> str:
         est = r.get("estimate_s")
         ratio = f"{est / base[r['size']]:.3f}" if est and base.get(r["size"]) else "-"
         mfu = r.get("mfu_at_estimate")
-        out.append(f"| {r['size']}_n{r['n']} | {r['topology_name']} | {r.get('fits', False)} | "
+        fits = r.get("fits", r.get("error", "-"))
+        out.append(f"| {r['size']}_n{r['n']} | {r['topology_name']} | {fits} | "
                    f"{_gib(r, 'total')} / {_gib(r, 'temp')} | {'-' if est is None else f'{est:.2f}'} | {ratio} | "
                    f"{'-' if mfu is None else f'{mfu:.3f}'} | `{r['command']}` |")
     return "\n".join(out)
+
+
+def flat_in_n(rows: list[dict[str, Any]]) -> str:
+    """Per-device temporaries of n = 4 over n = 1, per size where both compiled."""
+    temp = {(r["size"], r["n"]): r["memory"]["temp"] for r in rows if "memory" in r}
+    return "\n".join(f"- {size}: temp n = 4 / n = 1 = {temp[size, 4] / temp[size, 1]:.3f}"
+                     for size in SIZES if (size, 1) in temp and (size, 4) in temp)
 
 
 def attention_table(rows: list[dict[str, Any]]) -> str:
@@ -115,7 +126,7 @@ def attention_table(rows: list[dict[str, Any]]) -> str:
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         est = r.get("compiler_estimate_s")
-        out.append(f"| {r['attention']} | {r['seq_len']} | {r.get('fits', False)} | {_gib(r, 'temp')} | "
+        out.append(f"| {r['attention']} | {r['seq_len']} | {r.get('fits', r.get('error', '-'))} | {_gib(r, 'temp')} | "
                    f"{_gib(r, 'total')} | {'-' if est is None else f'{est:.3f}'} | `{r['command']}` |")
     return "\n".join(out)
 
@@ -131,8 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only-estimate", type=Path, help="skip the grid's compiles: read them from this earlier --out")
     ap.add_argument("--out", type=Path, help="also write the JSON summary here")
     ap.add_argument("--rows", type=Path, help="JSON lines of finished compiles: appended to, and read back on a rerun")
+    ap.add_argument("--no-compile", action="store_true", help="only the tables of the rows already in --rows")
     ap.add_argument("--gpu", action="store_true", help=f"compile for {GPU_TOPOLOGY} instead (needs the gpu extra)")
     args = ap.parse_args(argv)
+    if args.no_compile:
+        _READ_ONLY.append(True)
     if args.rows is not None:
         _ROWS.append(args.rows)
         if args.rows.is_file():
@@ -176,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)
     if grid:
         print(grid_table(grid))
+        print(flat_in_n(grid))
     if attention:
         print(attention_table(attention))
     summary = {"grid": grid, "probes": probes, "attention": attention}

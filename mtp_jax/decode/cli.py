@@ -87,7 +87,8 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--prompt {args.prompt!r} encodes to no tokens; give the start of a document, "
                           f"e.g. --prompt '{DEFAULT_PROMPT}'")
     plan = plan_run(args.run_dir, args.dtype, 1, len(prompt), len(prompt) + args.max_new_tokens + heads,
-                    fix="load with --dtype bfloat16, shorten the prompt or lower --max-new-tokens")
+                    fix=f"load with --dtype bfloat16, shorten the prompt ({len(prompt)} tokens) or lower "
+                        f"--max-new-tokens {args.max_new_tokens}")
     print(plan.describe(), file=sys.stderr, flush=True)
     warn_past_context(cfg, len(prompt), args.max_new_tokens)
     _, _, mtp, params = load_run(args.run_dir, dtype=args.dtype, devices=plan.devices)
