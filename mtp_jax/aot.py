@@ -235,7 +235,13 @@ class Report:
         d["hbm_gib"] = self.hbm_bytes / GIB
         peak = _peak(self.device_kind)
         if self.model_flops and self.compiler_estimate_s and peak:
-            d["mfu_compiler_estimate"] = self.model_flops / (self.devices * peak * self.compiler_estimate_s)
+            mfu = self.model_flops / (self.devices * peak * self.compiler_estimate_s)
+            if mfu <= 1:
+                d["mfu_compiler_estimate"] = mfu
+            else:  # XLA's cost analysis counts a loop body once: the estimate covers one scanned block
+                d["estimate_note"] = ("the compiler's estimate counts each loop body once (scanned layers), so it is "
+                                      "not a step time; python -m mtp_jax.benchmarks.compile_grid --estimate "
+                                      "extrapolates one")
         return d
 
 
@@ -344,6 +350,9 @@ def main(argv: list[str]) -> int:
     print(f"{args.topology} x {args.slices} slice(s): {reports[0].devices} x {reports[0].device_kind}; "
           f"times are the compiler's estimates, not measurements")
     print(table(reports))
+    notes = {r.as_dict().get("estimate_note") for r in reports} - {None}
+    for note in notes:
+        print(f"note: {note}")
     print(json.dumps({"config": args.config, "overrides": args.overrides,
                       "reports": [r.as_dict() for r in reports]}))
     for r in reports:
