@@ -66,16 +66,16 @@ def topology_devices(name: str, slices: int = 1) -> list[Any]:
     gpu = chip not in HBM_GIB
     if gpu and slices > 1:
         raise UserError(f"--slices {slices}: GPU topologies describe one host; use --slices 1")
-    platforms.compile_only_gpu() if gpu else platforms.compile_only_tpu()
     try:
         from jax.experimental import topologies
 
-        if gpu:
-            spec = (GPU_SPECS / f"{chip}.txtpb").read_text()
-            return list(topologies.get_topology_desc(platform="cuda", topology_name=name, topology=f"1x1x{shape}",
-                                                     target_config=spec).devices)
-        extra = {"num_slices": slices} if slices > 1 else {}
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices)
+        with platforms.compile_only("gpu" if gpu else "tpu"):
+            if gpu:
+                spec = (GPU_SPECS / f"{chip}.txtpb").read_text()
+                return list(topologies.get_topology_desc(platform="cuda", topology_name=name,
+                                                         topology=f"1x1x{shape}", target_config=spec).devices)
+            extra = {"num_slices": slices} if slices > 1 else {}
+            return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices)
     except Exception as err:  # noqa: BLE001 - the compilers' errors are runtime errors with a message
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if gpu and ("Unknown backend" in first or "cuda" in first.lower() and "plugin" in first.lower()):

@@ -71,20 +71,25 @@ def quiet_without_accelerator() -> None:
 
 # What libtpu otherwise asks the Cloud TPU metadata server for, and prints warnings without. Any
 # accelerator type serves: a compile-only topology describes its chips itself.
-_COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-                     "TPU_ACCELERATOR_TYPE": "v5p-8", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+_COMPILE_ONLY_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                         "TPU_ACCELERATOR_TYPE": "v5p-8", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+# Lets JAX's CUDA plugin load for compile-only devices with no driver to check.
+_COMPILE_ONLY_GPU_ENV = {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
 
 
-def compile_only_gpu() -> None:
-    """Lets JAX's CUDA plugin load for compile-only devices on a host with no GPU (no driver to check)."""
-    if not _has_nvidia_gpus():
-        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-
-
-def compile_only_tpu() -> None:
-    """Prepares libtpu to compile for a topology on a host with no TPU: no metadata queries or
-    warnings, and no host-wide lock (nothing opens a chip), so several compilations may run at once."""
-    if not _has_tpu_chips():
-        for key, value in _COMPILE_ONLY_ENV.items():
-            os.environ.setdefault(key, value)
-
+@contextlib.contextmanager
+def compile_only(platform: str) -> Iterator[None]:
+    """While the compiler for `platform` ("tpu" or "gpu") starts on a host without that accelerator:
+    no metadata queries or warnings, no host-wide lock (nothing opens a chip). The variables are
+    put back afterwards: left set, they would tell later processes (a trainer started from here)
+    that they run on a multi-host TPU VM."""
+    present = _has_tpu_chips() if platform == "tpu" else _has_nvidia_gpus()
+    env = {} if present else (_COMPILE_ONLY_TPU_ENV if platform == "tpu" else _COMPILE_ONLY_GPU_ENV)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update({key: value for key, value in env.items() if saved[key] is None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)

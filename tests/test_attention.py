@@ -19,8 +19,15 @@ from mtp_jax.loss import loss_weights, mtp_loss
 from mtp_jax.model import attention
 from mtp_jax.model.transformer import MTP
 
-jax.config.update("jax_default_matmul_precision", "highest")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def highest_matmul_precision():
+    """Full-precision float32 matmuls for this module's comparisons only: set for the whole session, the
+    precision would reach other modules' programs (the splash kernel on TPU refuses it)."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 def reference(q, k, v, seg, cot):
@@ -200,4 +207,5 @@ def _sharded_worker() -> None:
 
 
 if __name__ == "__main__":
+    jax.config.update("jax_default_matmul_precision", "highest")
     _sharded_worker()
