@@ -119,6 +119,13 @@ class StepFns:
         )
 
     @functools.cached_property
+    def param_norm(self) -> Callable[[Any], jax.Array]:
+        """The parameters' global norm as one compiled program that every process runs (op-by-op
+        arithmetic on arrays spread over several processes can leave them waiting on each other)."""
+        return jax.jit(optax.global_norm, in_shardings=(self.state_shardings["params"],),
+                       out_shardings=self.replicated)
+
+    @functools.cached_property
     def eval_step(self) -> Callable[[dict, dict], dict]:
         """Forward-only per-head loss and accuracy of one batch (no gradients, memory flat)."""
 

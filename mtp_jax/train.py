@@ -20,7 +20,6 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
 from mtp_jax import distributed, interrupts, lock, sharding
@@ -231,7 +230,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
     if primary:
         startup.commit()
     guard = _divergence_guard(cfg, saved_lr)
-    guard.check_norm(start, _param_norm(state), ckpt.latest_step())
+    guard.check_norm(start, float(fns.param_norm(state["params"])), ckpt.latest_step())
     lr = schedule(cfg.optim, tcfg.steps)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     flops_per_step = model_flops_per_token(cfg.model, tcfg.seq_len) * tokens_per_step
@@ -246,7 +245,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
         """No checkpoint holding a diverged state: the skipped-step count is checked first (a host sync the save needs anyway)."""
         if force or ckpt.should_save(step):
             guard.check(step, ckpt.latest_step())
-            guard.check_norm(step, _param_norm(state), ckpt.latest_step())
+            guard.check_norm(step, float(fns.param_norm(state["params"])), ckpt.latest_step())
             ckpt.save(step, state, data_iter.get_state(), force=force)
 
     try:
@@ -307,10 +306,6 @@ def _divergence_guard(cfg: Config, saved_lr: float | None) -> DivergenceGuard:
     uniform = float(np.sum(loss_weights(cfg.model.mtp_heads, cfg.train.loss_weights))) * math.log(cfg.model.vocab_size)
     advised = min(cfg.optim.lr / 10, saved_lr if saved_lr is not None else math.inf)
     return DivergenceGuard(cfg.train.max_skipped_steps, uniform, cfg.optim.warmup_steps, advised)
-
-
-def _param_norm(state: dict) -> float:
-    return float(optax.global_norm(state["params"]))
 
 
 def _report(pending: tuple[int, Any], writer: MetricsWriter, bar: Any) -> None:
