@@ -1,8 +1,9 @@
-"""Which platform the programs being traced are for, and a quiet start on hosts without a TPU.
+"""Which platform the programs being traced are for; a quiet start where an accelerator's JAX
+plugin is installed but its chips are not; the environment its compiler needs to compile without them.
 
-Tracing normally targets the host's default backend. Compiling ahead of time for a TPU topology
-from a CPU host (`mtp-compile`) targets another one, so the few platform-dependent choices
-(compute dtype, attention kernel, the CPU matmul form) ask `target()` instead of JAX's backend.
+Tracing normally targets the host's default backend. Compiling ahead of time for a TPU or GPU
+topology from another host (`mtp-compile`) targets another one, so the few platform-dependent
+choices (compute dtype, attention kernel, the CPU matmul form, unrolling) ask `target()`.
 """
 
 from __future__ import annotations
