@@ -125,7 +125,8 @@ def test_report_groups_by_every_non_seed_key_and_pairs_by_seed(tmp_path: Path) -
         best, final = rng.uniform(0.3, 0.6), rng.uniform(0.1, 0.3)
         value[point.name] = (best, final)
         rows.append({"point": point.name, "configuration": exp.configuration(point), "status": "done",
-                     **point.labels, "mtp_heads": int(point.labels["model.mtp_heads"]), "non_embedding_params": 1000,
+                     **point.labels, "model.mtp_heads": int(point.labels["model.mtp_heads"]),  # as point_row: the value
+                     "mtp_heads": int(point.labels["model.mtp_heads"]), "non_embedding_params": 1000,
                      exp.metric: final, f"best/{exp.metric}": best})
     summary = {r["configuration"]: r for r in summary_rows(exp, rows)}
     assert len(summary) == 4

@@ -89,16 +89,17 @@ class Experiment:
         return "_".join(f"{_short(a)}-{v}" for a, v in point.labels.items() if a != self.seed_axis) or "all"
 
 
-def _label(value: Any) -> str:
+def label_of(value: Any) -> str:
+    """An axis value as it appears in point names and report.compare."""
     return re.sub(r"[^A-Za-z0-9_.+-]", "", str(value)) or "x"
 
 
 def _axis_values(axis: str, spec: Any) -> list[tuple[str, dict[str, Any]]]:
     """(label, {key: value}) for each value of one axis: a list for a config key, a mapping for a bundle."""
     if isinstance(spec, list) and spec:
-        return [(_label(v), {axis: v}) for v in spec]
+        return [(label_of(v), {axis: v}) for v in spec]
     if isinstance(spec, dict) and spec and all(isinstance(v, dict) and v for v in spec.values()):
-        return [(_label(label), dict(values)) for label, values in spec.items()]
+        return [(label_of(label), dict(values)) for label, values in spec.items()]
     raise UserError(f"grid axis {axis!r} must be a non-empty list of values or a mapping of labels to "
                     f"{{key: value}} bundles, got {spec!r}")
 
@@ -173,10 +174,10 @@ def _report_spec(path: Path, spec: Any, axes: list[tuple[str, list[tuple[str, di
         if not isinstance(chosen, dict) or not chosen:
             raise UserError(f"each report.compare entry in '{path}' needs '{key}': {{axis: value}}; got {entry!r}")
         for axis, value in chosen.items():
-            if _label(value) not in labels.get(axis, []):
+            if label_of(value) not in labels.get(axis, []):
                 raise UserError(f"report.compare in '{path}': {axis}={value} is not a label of a grid axis "
                                 f"(axes: {', '.join(f'{a}: {v}' for a, v in labels.items())})")
-        return {axis: _label(value) for axis, value in chosen.items()}
+        return {axis: label_of(value) for axis, value in chosen.items()}
 
     comparisons = [Comparison(side(entry, "treatment"), side(entry, "control")) for entry in compare]
     for c in comparisons:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp_jax.evals.results import latest_results, read_results
-from mtp_jax.sweep.experiment import Comparison, Experiment, Point
+from mtp_jax.sweep.experiment import Comparison, Experiment, Point, label_of
 from mtp_jax.sweep.local import claim_results_dir, status
 from mtp_jax.sweep.stats import LEVEL, mean_se, paired_difference
 
@@ -140,7 +140,8 @@ def summary_rows(experiment: Experiment, rows: list[dict[str, Any]]) -> list[dic
 def _pairs(experiment: Experiment, comparison: Comparison, rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple]]:
     """context -> seed label -> (treatment row, control row), finished points only."""
     seed = experiment.seed_axis
-    by_labels = {tuple((a, r[a]) for a in experiment.axes): r for r in _done(rows)}
+    # a plain axis's rows hold the config value (2), a comparison its label ("2")
+    by_labels = {tuple((a, label_of(r[a])) for a in experiment.axes): r for r in _done(rows)}
     out: dict[str, dict[str, tuple]] = defaultdict(dict)
     for key, control in by_labels.items():
         labels = dict(key)
