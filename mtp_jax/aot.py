@@ -66,6 +66,9 @@ def topology_devices(name: str, slices: int = 1) -> list[Any]:
     gpu = chip not in HBM_GIB
     if gpu and slices > 1:
         raise UserError(f"--slices {slices}: GPU topologies describe one host; use --slices 1")
+    if gpu and not platforms.has_cuda_plugin():
+        raise UserError(f"--topology {name!r} needs JAX's CUDA plugin to compile for GPUs; install it with "
+                        f"pip install -e '.[gpu]'")
     try:
         from jax.experimental import topologies
 
@@ -78,9 +81,6 @@ def topology_devices(name: str, slices: int = 1) -> list[Any]:
             return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices)
     except Exception as err:  # noqa: BLE001 - the compilers' errors are runtime errors with a message
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if gpu and ("Unknown backend" in first or "cuda" in first.lower() and "plugin" in first.lower()):
-            raise UserError(f"cannot load the GPU compiler ({first}); install JAX's CUDA plugin: "
-                            f"pip install -e '.[gpu]'") from None
         if "libtpu" in first.lower() or "Unknown backend" in first or "not found" in first.lower():
             raise UserError(f"cannot load the TPU compiler ({first}); install it with pip install -e '.[tpu]'") from None
         raise UserError(f"--topology {name!r} was refused by the compiler ({first}); use a shape this chip "

@@ -56,6 +56,11 @@ def _has_nvidia_gpus() -> bool:
 CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")
 
 
+def has_cuda_plugin() -> bool:
+    """Whether JAX's CUDA plugin (the `gpu` extra) is installed."""
+    return any(importlib.util.find_spec(p) for p in CUDA_PLUGINS)
+
+
 def quiet_without_accelerator() -> None:
     """With libtpu or JAX's CUDA plugin installed (the `tpu` / `gpu` extras, for ahead-of-time
     compilation) on a host without that accelerator, JAX would try to start its runtime at every
@@ -64,7 +69,7 @@ def quiet_without_accelerator() -> None:
     if "JAX_PLATFORMS" in os.environ:
         return
     tpu = importlib.util.find_spec("libtpu") is not None
-    cuda = any(importlib.util.find_spec(p) for p in CUDA_PLUGINS)
+    cuda = has_cuda_plugin()
     if (tpu and _has_tpu_chips()) or (cuda and _has_nvidia_gpus()) or not (tpu or cuda):
         return
     os.environ["JAX_PLATFORMS"] = "cpu"

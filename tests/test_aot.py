@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mtp_jax import aot
+from mtp_jax import aot, platforms
 from mtp_jax.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_cpu_host_with_libtpu_starts_quietly():
     assert proc.stderr == "", proc.stderr
 
 
-@pytest.mark.skipif(not any(__import__("importlib").util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")),
+@pytest.mark.skipif(not platforms.has_cuda_plugin(),
                     reason="deviceless GPU compilation needs JAX's CUDA plugin (the gpu extra)")
 def test_gpu_host_compiles_without_a_gpu():
     proc = compile_cli("experiments/quickstart.yaml", "--topology", "h100:8", *TINY[:6], "model.dtype=bfloat16",
