@@ -138,6 +138,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
         self._swept = False
         self._failed = False  # a save failed: Orbax re-raises it on every later wait, so we stop waiting
+        self._closed = False
 
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
         """True if a save started. A step already saved is skipped (the final forced save after a periodic one)."""
@@ -243,13 +244,17 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until async saves are on disk; call before exiting or the last save may be lost."""
-        if not self._failed:
+        if not self._failed and not self._closed:
             with self._writing(None):
                 self._manager.wait_until_finished()
 
     def close(self) -> None:
-        if not self._failed:
-            self._manager.close()
+        """Waits for the last save and releases Orbax's threads. Orbax can report a failed async save here first
+        (its finalize thread logs a commit error instead of raising it), so a full disk is one line here too."""
+        if not self._failed and not self._closed:
+            self._closed = True
+            with self._writing(None):
+                self._manager.close()
 
     @contextlib.contextmanager
     def _writing(self, step: int | None) -> Iterator[None]:

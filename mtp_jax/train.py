@@ -167,7 +167,7 @@ def train(cfg: Config) -> dict:
         pause_point("startup")
         with quiet_save_failures():
             result = _train(cfg, run_dir, ckpt, startup)
-            ckpt.wait()  # the last async save's failure (full disk) surfaces here, inside the handlers below
+            ckpt.close()  # the last async save's failure (full disk) surfaces here, inside the handlers below
             return result
     except KeyboardInterrupt:
         pause_point("interrupted")

@@ -1,4 +1,4 @@
-"""The CPU-efficiency changes of issue 12 against independent references: the top-1 count taken
+"""The CPU-efficiency changes against independent references: the top-1 count taken
 from the log-sum-exp's max (NumPy's argmax tie rule), the unembedding gradient accumulated in place
 across heads (XLA's own memory analysis), and the parity benchmark's arithmetic (by hand)."""
 

@@ -1,5 +1,5 @@
 """Failure modes through the real commands: divergence, two trainers, validate-then-write, read-only
-evaluation, and every bad input as one `error:` line with exit status 2 (issue 11)."""
+evaluation, and every bad input as one `error:` line with exit status 2."""
 
 from __future__ import annotations
 

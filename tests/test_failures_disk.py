@@ -1,9 +1,10 @@
-"""A full disk and missing permissions, for real (issue 11): the file-size limit (RLIMIT_FSIZE, whose writes fail
+"""A full disk and missing permissions, for real: the file-size limit (RLIMIT_FSIZE, whose writes fail
 with EFBIG since Python ignores SIGXFSZ) fills the "disk" under Orbax's own async writer, /dev/full gives a real
 ENOSPC, and a root test runner drops the capabilities that let root ignore file permissions."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -11,6 +12,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,30 +66,29 @@ def test_every_command_reports_a_full_disk_in_one_line(tmp_path: Path, monkeypat
         command_writing([str(tmp_path / "missing" / "file")])
 
 
-@pytest.fixture
-def file_size_limit():
-    """Lowers this process's file-size limit for the block (restored after), as a full disk would stop writes."""
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Lowers this process's file-size limit inside the block only, as a full disk would stop writes. Restored before
+    the block ends, never in a fixture's teardown: pytest reports the test's result in between, and its own output
+    (a file, under CI) is past the limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    def lower(limit: int) -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
 
-    yield lower
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-
-
-def test_full_disk_mid_async_save_keeps_the_committed_checkpoint(tmp_path: Path, file_size_limit) -> None:
+def test_full_disk_mid_async_save_keeps_the_committed_checkpoint(tmp_path: Path) -> None:
     """Orbax's real async writer hits EFBIG: one UserError, no unfinished folder, the older step reads back intact."""
     state = {"w": np.arange(64 * 1024, dtype=np.float32).reshape(256, 256), "b": np.ones(7, np.float32)}
     ckpt = Checkpointer(tmp_path / "ckpt", keep=3, save_every=1, async_save=True)
     with quiet_save_failures():
         assert ckpt.save(1, state, {"position": 1})
         ckpt.wait()
-        file_size_limit(64 * 1024)  # the 256 KiB array no longer fits
-        with pytest.raises(UserError) as raised:
+        with file_size_limit(64 * 1024), pytest.raises(UserError) as raised:  # the 256 KiB array no longer fits
             ckpt.save(2, {k: v + 1 for k, v in state.items()}, {"position": 2})
             ckpt.wait()
-        file_size_limit(resource.RLIM_INFINITY)
     message = str(raised.value)
     assert f"cannot write checkpoint step 2 in {tmp_path / 'ckpt'}: file too large" in message
     assert "files limited to 65536 bytes" in message and "the newest checkpoint is step 1" in message
@@ -105,7 +106,9 @@ def test_full_disk_mid_training_is_one_line_and_resumes(tmp_path: Path) -> None:
     size and lets it go on: the step-4 async save fails. One line, exit 2, step 2 kept; the rerun resumes."""
     run_dir, marker = tmp_path / "run", tmp_path / "paused"
     args = ("train.steps=6", "train.checkpoint_every=2", "train.tensorboard=false")
-    proc = mtp_train(run_dir, *args, env_extra={"MTP_PAUSE_AT": "step:3", "MTP_PAUSE_FILE": str(marker)})
+    # no persistent compilation cache: an entry cut short by the file-size limit would be read by later tests
+    proc = mtp_train(run_dir, *args, env_extra={"MTP_PAUSE_AT": "step:3", "MTP_PAUSE_FILE": str(marker),
+                                                "JAX_ENABLE_COMPILATION_CACHE": "false"})
     deadline = time.time() + 300
     while not (marker.exists() and (run_dir / "checkpoints" / "2").is_dir()) and time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -209,7 +212,7 @@ def test_damaged_prepared_shard_is_one_line_exit_2(tmp_path: Path) -> None:
     assert "prepare the data again (mtp-prepare)" in lines[0]
 
 
-def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path: Path, file_size_limit) -> None:
+def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path: Path) -> None:
     """write_atomic past the file-size limit: EFBIG, the old bytes intact, no temporary left; a truncated or
     foreign config.yaml is then an error, never defaults."""
     from mtp_jax.atomic import write_atomic
@@ -217,8 +220,7 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path: Path, file_siz
 
     target = tmp_path / "config.yaml"
     target.write_text("model: {}\ntrain: {}\n")
-    file_size_limit(1000)
-    with pytest.raises(OSError) as caught:
+    with file_size_limit(1000), pytest.raises(OSError) as caught:
         write_atomic(target, "x" * 5000)
     assert caught.value.errno == errno.EFBIG
     assert target.read_text() == "model: {}\ntrain: {}\n" and os.listdir(tmp_path) == ["config.yaml"]

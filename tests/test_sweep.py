@@ -258,7 +258,8 @@ def test_tiny_grid_resumes_skips_finished_points_and_reports(tmp_path: Path, cap
     exp = load_experiment(write_experiment(tmp_path, {"model.mtp_heads": [1, 2]}))
     first, second = exp.points
     cmd = [sys.executable, "-m", "mtp_jax.cli", "train", str(exp.base)]
-    subprocess.run([*cmd, *second.args(), "train.steps=2"], check=True, capture_output=True)  # a point cut short
+    cut = subprocess.run([*cmd, *second.args(), "train.steps=2"], capture_output=True, text=True)  # a point cut short
+    assert cut.returncode == 0, cut.stderr[-3000:]
     assert status(exp, second) == "pending"
     assert run_local(exp) == 0
     log = Path(second.overrides["train.run_dir"], "train.log").read_text()
