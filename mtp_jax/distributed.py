@@ -77,7 +77,12 @@ def initialize(dcfg: DistributedConfig) -> None:
         return
     # CPU processes run cross-process collectives through gloo; GPU/TPU runs never use the CPU client for them.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**args)
+    try:
+        jax.distributed.initialize(**args)
+    except ValueError as err:  # JAX's detection found no cluster where the environment announced one
+        raise ConfigError(f"this process looks like one of a cluster ({_cluster_clues(os.environ)}) but JAX found "
+                          f"no coordinator ({err}); set distributed.coordinator_address, num_processes and "
+                          f"process_id, or unset those variables to run alone") from None
     state = _distributed_state()
     if state.num_processes > 1:
         _Watchdog(state.client, state.process_id, state.num_processes, dcfg.heartbeat_timeout).start()
@@ -140,6 +145,12 @@ def _int_env(env: Mapping[str, str], name: str, default: int | None = None) -> i
         return int(raw)
     except ValueError:
         raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _cluster_clues(env: Mapping[str, str]) -> str:
+    """The variables that made this process look like part of a cluster, for the error that names them."""
+    clues = [f"{k}={env[k]}" for k in sorted(env) if k in _TPU_ENV or k.startswith("MEGASCALE_") or k == "SLURM_NTASKS"]
+    return ", ".join(clues) or "TPU chips on this host"
 
 
 def _on_cloud_tpu(env: Mapping[str, str]) -> bool:

@@ -8,6 +8,8 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -88,3 +90,19 @@ def tiny() -> Callable[..., Config]:
 def make_batch() -> Callable[..., dict[str, np.ndarray]]:
     """make_batch(batch, length, vocab, seed=0) -> documents_batch(...)."""
     return documents_batch
+
+
+# Variables that tell a trainer it is one process of a cluster (mtp_jax/distributed.py joins one when it sees them).
+CLUSTER_VARIABLES = ("MTP_COORDINATOR", "MTP_NUM_PROCESSES", "MTP_PROCESS_ID", "SLURM_", "TPU_WORKER_HOSTNAMES",
+                     "TPU_PROCESS_ADDRESSES", "CLOUD_TPU_TASK_ID", "MEGASCALE_")
+_SESSION_ENVIRONMENT = frozenset(os.environ)
+
+
+@pytest.fixture(autouse=True)
+def no_cluster_variables_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """One left in this process's environment by a test (or a library it ran) would make every later trainer
+    subprocess try to join a cluster that is not there: removed after each test, and named in a warning."""
+    yield
+    for key in [k for k in os.environ if k.startswith(CLUSTER_VARIABLES) and k not in _SESSION_ENVIRONMENT]:
+        del os.environ[key]
+        warnings.warn(f"{request.node.nodeid} left {key} in the environment; removed")

@@ -140,6 +140,19 @@ def test_clusters_jax_detects_get_no_addresses(env: dict) -> None:
     assert args == {"initialization_timeout": 300, "heartbeat_timeout_seconds": 60}
 
 
+def test_announced_cluster_without_a_coordinator_is_one_line(tmp_path: Path) -> None:
+    """A stray SLURM_NTASKS (a shell inside a multi-task allocation) makes JAX look for a coordinator that
+    no one set: one line naming the variable, exit 2, nothing written."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "mtp_jax.cli", "train", str(ROOT / "experiments" / "quickstart.yaml"),
+                           f"train.run_dir={run_dir}"], env=cpu_env(SLURM_NTASKS="2"), capture_output=True,
+                          text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("warning:")]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("error: this process looks like one of a cluster (SLURM_NTASKS=2)")
+    assert "unset those variables to run alone" in lines[0] and not run_dir.exists()
+
+
 def test_initialize_alone_starts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(("MTP_", "SLURM_", "TPU_", "MEGASCALE_", "CLOUD_TPU")):
