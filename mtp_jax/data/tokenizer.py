@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from mtp_jax.atomic import write_atomic
+from mtp_jax.atomic import write_json
 from mtp_jax.config import ConfigError, DataConfig
 from mtp_jax.data import sources
 
@@ -57,7 +57,7 @@ class Tokenizer(Protocol):
 def _write_meta(directory: str | Path, meta: dict) -> Path:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / META_FILE, json.dumps(meta, indent=2))
+    write_json(path / META_FILE, meta)
     return path
 
 
