@@ -4,6 +4,7 @@ a truncated one (a full disk mid-write leaves the old file and no temporary)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -36,3 +37,8 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def write_json(path: str | Path, value: object) -> None:
+    """`value` as indented JSON, written whole."""
+    write_atomic(path, json.dumps(value, indent=2))

@@ -29,13 +29,13 @@ def train_main(argv: list[str]) -> int:
 @guarded
 @interruptible
 def eval_main(argv: list[str]) -> int:
-    from mtp_jax.data.sources import GENERATED_SOURCES
+    from mtp_jax.data import generated
     from mtp_jax.evals.code import cli as code
 
     ap = ArgParser(prog="mtp-eval", description="Held-out loss, perplexity, bits/byte and top-1 per head; a "
                    "synthetic task's metrics; or pass@k on a code benchmark.")
     ap.add_argument("run_dir")
-    ap.add_argument("--task", default="heldout", choices=["heldout", *GENERATED_SOURCES, *code.TASKS])
+    ap.add_argument("--task", default="heldout", choices=["heldout", *generated.SOURCES, *code.TASKS])
     ap.add_argument("--batches", type=int, default=0, help="evaluation batches (0 = train.eval_batches of the run)")
     code.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -44,8 +44,8 @@ def eval_main(argv: list[str]) -> int:
         return 0
     if args.batches < 0:
         raise UserError(f"--batches {args.batches} must be >= 0 (0 = train.eval_batches of the run)")
-    if args.task in GENERATED_SOURCES:
-        from mtp_jax.tasks.evaluate import evaluate_run_task
+    if args.task in generated.SOURCES:
+        from mtp_jax.evals.tasks import evaluate_run_task
 
         print(json.dumps(evaluate_run_task(args.run_dir, args.task)))
         return 0

@@ -27,6 +27,7 @@ from mtp_jax.capacity import check_training_fits
 from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data import pipeline
+from mtp_jax.data.tokenizer import build_tokenizer
 from mtp_jax.errors import EXIT_USER, full_disk_write_error
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
@@ -71,11 +72,11 @@ class Preemption:
 def _tokenizer(cfg: Config, run_dir: Path):
     """The primary process builds (or trains) the tokenizer; the others load what it saved."""
     if distributed.is_primary():
-        tokenizer = pipeline.build_tokenizer(cfg.data, run_dir)
+        tokenizer = build_tokenizer(cfg.data, run_dir)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tokenizer")
     if jax.process_index() != 0:
-        tokenizer = pipeline.build_tokenizer(cfg.data, run_dir)
+        tokenizer = build_tokenizer(cfg.data, run_dir)
     return tokenizer
 
 
@@ -328,7 +329,7 @@ def _progress(total: int, start: int, enabled: bool) -> Any:
 
 def _task_eval(cfg: Config, mtp: Any, state: dict, tokenizer: Any, run_dir: Path, step: int) -> None:
     """The task metric of a generated task source (induction, polynomial), single process only."""
-    from mtp_jax.tasks.evaluate import TASKS, evaluate_task
+    from mtp_jax.evals.tasks import TASKS, evaluate_task
 
     if cfg.data.source in TASKS and jax.process_count() == 1:
         record = evaluate_task(cfg.data.source, cfg, mtp, state["params"], tokenizer, run_dir, step)

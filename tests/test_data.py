@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mtp_jax.config import ConfigError, load_config
-from mtp_jax.data import pipeline, prepare, sources
-from mtp_jax.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+from mtp_jax.data import build, pipeline, prepare, sources
+from mtp_jax.data.tokenizer import ByteTokenizer, build_tokenizer, load_tokenizer, train_bpe
 from mtp_jax.loss import mask_for_head
 
 T, N, B = 16, 3, 4  # seq_len, mtp heads, global batch
@@ -234,7 +234,7 @@ def test_prepared_data_matches_direct_files_source(tmp_path: Path, corpus: list[
     assert "train with data.source=prepared" in capsys.readouterr().out
     direct = load_config(yaml)
     prepared = load_config(yaml, ["data.source=prepared", f"data.path={out}"])
-    tok = pipeline.build_tokenizer(prepared.data, tmp_path / "run_prep")
+    tok = build_tokenizer(prepared.data, tmp_path / "run_prep")
     assert (tmp_path / "run_prep" / "tokenizer" / "tokenizer.json").is_file() and tok.name == "bpe-300"
     for split in sources.SPLITS:
         want = all_rows(direct, tok, tmp_path / "run_files", split)
@@ -244,7 +244,7 @@ def test_prepared_data_matches_direct_files_source(tmp_path: Path, corpus: list[
     first = next(pipeline.make_train_iterator(prepared, tok, tmp_path / "run_prep"))
     np.testing.assert_array_equal(first["tokens"], next(pipeline.make_train_iterator(direct, tok, tmp_path / "run_files"))["tokens"])
     assert pipeline.corpus_stats(prepared, tok, tmp_path / "run_prep") == pipeline.corpus_stats(direct, tok, tmp_path / "run_files")
-    assert not (tmp_path / "run_prep" / pipeline.CACHE_DIR).exists(), "a run on prepared data holds no copy of it"
+    assert not (tmp_path / "run_prep" / build.CACHE_DIR).exists(), "a run on prepared data holds no copy of it"
     with pytest.raises(SystemExit) as exited:
         prepare.main([str(yaml), str(out)])
     assert exited.value.code == 2 and capsys.readouterr().err.startswith("error: OUT_DIR")
@@ -256,14 +256,14 @@ def test_arrayrecord_source_is_refused_with_the_migration(tmp_path: Path):
 
 
 def test_run_dir_tokenizer_must_match_config(tmp_path: Path, corpus: list[str]):
-    pipeline.build_tokenizer(config(tmp_path).data, tmp_path / "run")
+    build_tokenizer(config(tmp_path).data, tmp_path / "run")
     with pytest.raises(ConfigError, match="is 'bytes' but the config asks for 'bpe-4096'"):
-        pipeline.build_tokenizer(config(tmp_path, "data.tokenizer=bpe").data, tmp_path / "run")
+        build_tokenizer(config(tmp_path, "data.tokenizer=bpe").data, tmp_path / "run")
 
 
 def test_unigram_baseline_is_finite_and_beats_uniform(tmp_path: Path, corpus: list[str]):
     cfg, tok = config(tmp_path), ByteTokenizer()
-    baseline = pipeline.unigram_baseline(cfg, tok, tmp_path / "run")
-    assert math.isfinite(baseline) and 0 < baseline < math.log(tok.vocab_size)
     stats = pipeline.corpus_stats(cfg, tok, tmp_path / "run")
+    baseline = stats["unigram_baseline"]
+    assert math.isfinite(baseline) and 0 < baseline < math.log(tok.vocab_size)
     assert 0.9 < stats["val_bytes_per_token"] < 1.0  # bytes plus one EOT per document

@@ -15,7 +15,7 @@ import pytest
 
 from mtp_jax.config import ConfigError, load_config
 from mtp_jax.data import build, pipeline, prepare, sources, store
-from mtp_jax.data.tokenizer import train_bpe
+from mtp_jax.data.tokenizer import build_tokenizer, train_bpe
 
 T, N, B = 16, 3, 4
 PART_BYTES = 300  # a few documents per part, so windows cross part boundaries
@@ -42,7 +42,7 @@ def prepared_cfg(yaml: Path, out: Path):
 
 
 def rows(cfg, run_dir: Path, split: str) -> dict:
-    tok = pipeline.build_tokenizer(cfg.data, run_dir)
+    tok = build_tokenizer(cfg.data, run_dir)
     windows = pipeline.split_windows(cfg, tok, run_dir, split)
     return windows.rows(np.arange(len(windows) + 2))  # two ids past the end: padding rows
 
@@ -67,7 +67,7 @@ def test_lazy_windows_equal_the_packer_reference(tmp_path: Path, corpus: Path):
     manifest = prepare.prepare(str(yaml), str(out), part_bytes=PART_BYTES, progress=False)
     assert len(manifest["parts"]) > 4
     cfg = prepared_cfg(yaml, out)
-    tok = pipeline.build_tokenizer(cfg.data, tmp_path / "run")
+    tok = build_tokenizer(cfg.data, tmp_path / "run")
     text = sources.read_corpus(load_config(yaml).data)
     for split in sources.SPLITS:
         stream, starts = build.pack(tok.encode_batch(text.texts(split)), tok)
@@ -156,7 +156,7 @@ def test_bad_inputs_are_one_line(tmp_path: Path, corpus: Path, capsys):
     assert prepare.main([str(yaml), str(out), "--shard", "1/2"]) == 0 and prepare.main([str(yaml), str(out), "--merge"]) == 0
     train_bpe(["something else entirely " * 20], 300).save(tmp_path / "run" / "tokenizer")
     cfg = prepared_cfg(yaml, out)
-    tok = pipeline.build_tokenizer(cfg.data, tmp_path / "run")
+    tok = build_tokenizer(cfg.data, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"was prepared with tokenizer bpe-300 \(\w+\) but .*run/tokenizer is bpe-300"):
         pipeline.split_windows(cfg, tok, tmp_path / "run", "train")
     with pytest.raises(ConfigError, match="holds no data_manifest.json.*mtp-prepare"):

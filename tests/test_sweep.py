@@ -286,7 +286,7 @@ def test_tiny_grid_resumes_skips_finished_points_and_reports(tmp_path: Path, cap
     assert {"loss_per_head.png", "polynomial_vs_params.svg", "polynomial_vs_m.png", "polynomial_vs_step.png"} <= plots
 
     # mtp-eval --task on the finished point reproduces training's final task evaluation
-    from mtp_jax.tasks.evaluate import evaluate_run_task
+    from mtp_jax.evals.tasks import evaluate_run_task
 
     again = evaluate_run_task(first.overrides["train.run_dir"], "polynomial")
     assert again["metrics"] == latest_results(first.overrides["train.run_dir"])["polynomial"]["metrics"]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from mtp_jax.config import ConfigError, DataConfig
+from mtp_jax.data.generated import task_texts
 from mtp_jax.data.tokenizer import ByteTokenizer
 from mtp_jax.tasks import induction, polynomial
-from mtp_jax.tasks.corpus import task_texts
 from mtp_jax.tasks.metrics import answer_scores, induction_counts
 
 
@@ -163,7 +163,7 @@ def test_induction_window_holds_whole_stories_and_scores_every_repeat() -> None:
 
     from mtp_jax.config import load_config
     from mtp_jax.model.transformer import MTP
-    from mtp_jax.tasks.evaluate import eval_induction
+    from mtp_jax.evals.tasks import eval_induction
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "experiments" / "induction" / "base.yaml",
@@ -204,7 +204,7 @@ def test_whole_sequence_passes_give_the_greedy_answer() -> None:
     from mtp_jax.config import load_config
     from mtp_jax.decode.generate import generate
     from mtp_jax.model.transformer import MTP
-    from mtp_jax.tasks.evaluate import greedy_answers, predictions
+    from mtp_jax.evals.tasks import greedy_answers, predictions
     from tests.conftest import tiny_overrides
 
     cfg = load_config(None, tiny_overrides(model__vocab_size=384, model__mtp_heads=2))

@@ -1,12 +1,19 @@
-"""Writing the prepared token store (store.py) from a text source, in bounded memory.
+"""Writing the prepared token store (store.py) from a text source, in bounded memory; and the
+store a run reads: mtp-prepare's OUT_DIR, or one prepared on the fly into the run directory.
 
-The sorted input files are cut into parts of about `part_bytes` of input each; the plan (which
-files form part k of K) follows from the file list alone, so any machine computes the same one.
-A part streams its documents in batches of about BATCH_BYTES through the tokenizer (in
-`workers` processes, results kept in input order) into shard-buffered arrays: memory is a few
-batches plus one shard per array, whatever the corpus size. Parts are the unit of parallelism
-across machines (`--shard I/N` takes parts k = I mod N) and of resumption (a part without
-part.json is redone). `merge` checks that all K parts are there and writes the manifest.
+The third stage of the data layer: documents come from sources.py, tokens from the tokenizer
+(tokenizer.py); the windows (pipeline.py) read what is written here. The input is cut into parts
+(`sources.parts`); the plan (which files form part k of K) follows from the file list alone, so
+any machine computes the same one. A part streams its documents in batches of about BATCH_BYTES
+through the tokenizer (in `workers` processes, results kept in input order) into shard-buffered
+arrays: memory is a few batches plus one shard per array, whatever the corpus size. Parts are the
+unit of parallelism across machines (`--shard I/N` takes parts k = I mod N) and of resumption (a
+part without part.json is redone). `merge` checks that all K parts are there and writes the manifest.
+
+A run on data.source=prepared reads data.path and holds no copy of it. The small on-the-fly
+sources (stdlib, files, jsonl, the generated tasks) are prepared once per run into
+RUN_DIR/data_cache/<key>/ in the same format; that cache is bounded by
+`sources.ON_THE_FLY_MAX_BYTES` of input (larger corpora must go through mtp-prepare) and may be deleted.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,19 +31,19 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from mtp_jax.config import DataConfig
+from mtp_jax.atomic import write_json
+from mtp_jax.config import Config, ConfigError, DataConfig
 from mtp_jax.data import sources, store
-from mtp_jax.data.sources import SPLITS
-from mtp_jax.data.tokenizer import Tokenizer, capped, document_start, load_tokenizer, train_bpe
+from mtp_jax.data.sources import SPLITS, Files
+from mtp_jax.data.tokenizer import Tokenizer, document_start, load_tokenizer
 from mtp_jax.errors import UserError
 from mtp_jax.hooks import pause_point
 
 PLAN_FILE = "prepare.json"
-PART_BYTES = 1 << 30  # input bytes per part: the unit a preparation resumes at
 BATCH_BYTES = 4 << 20  # input bytes per tokenizer batch
 IGNORED_FIELDS = ("shuffle_seed", "worker_count")  # data fields that do not change the tokens
-
-Files = list[tuple[str, Path]]
+CACHE_DIR = "data_cache"
+CACHE_VERSION = 3  # 3: documents open with the tokenizer's start token; 2: the token store (older folders are ignored and may be deleted)
 
 
 def data_fields(data_cfg: DataConfig) -> dict:
@@ -43,22 +51,6 @@ def data_fields(data_cfg: DataConfig) -> dict:
     for key in IGNORED_FIELDS:
         fields.pop(key)
     return fields
-
-
-def plan_parts(files: Files, part_bytes: int, max_bytes: int) -> list[Files]:
-    """Consecutive files in groups of about part_bytes; one group when max_bytes cuts the stream
-    (the cut depends on every earlier document)."""
-    if max_bytes > 0:
-        return [files]
-    groups: list[Files] = [[]]
-    size = 0
-    for name, path in files:
-        if groups[-1] and size >= part_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, path))
-        size += path.stat().st_size
-    return groups
 
 
 def part_name(k: int, count: int) -> str:
@@ -69,31 +61,13 @@ def _files_digest(files: Files) -> str:
     return hashlib.sha1("\n".join(name for name, _ in files).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def sample_texts(data_cfg: DataConfig, parts: list[Files]) -> Iterator[str]:
-    """Train-split texts for BPE: an equal share of data.bpe_train_chars from the start of every
-    part (with one part, simply the first characters in sorted order)."""
-    share = max(1, data_cfg.bpe_train_chars // len(parts))
-    for files in parts:
-        docs = sources.budgeted(sources.raw_documents(data_cfg, files), data_cfg.max_bytes)
-        texts = (d.text for d in (sources.make_document(c, data_cfg.val_fraction) for c in docs) if d.split == "train")
-        yield from capped(texts, share)
-
-
-def make_tokenizer(data_cfg: DataConfig, parts: list[Files]) -> Tokenizer:
-    from mtp_jax.data.tokenizer import ByteTokenizer
-
-    if data_cfg.tokenizer == "bytes":
-        return ByteTokenizer()
-    return train_bpe(sample_texts(data_cfg, parts), data_cfg.bpe_vocab_size, data_cfg.bpe_train_chars)
-
-
 def create(out: Path, data_cfg: DataConfig, tokenizer: Tokenizer, parts: list[Files], part_bytes: int) -> dict:
     """Starts a preparation: the tokenizer and the plan every part and the merge check against."""
     tokenizer.save(out / "tokenizer")
     plan = {"format": store.FORMAT_VERSION, "data": data_fields(data_cfg), "tokenizer": tokenizer.name,
             "fingerprint": tokenizer.fingerprint, "parts": len(parts), "part_bytes": part_bytes,
             "part_files": [_files_digest(p) for p in parts]}
-    store.write_json(out / PLAN_FILE, plan)
+    write_json(out / PLAN_FILE, plan)
     return plan
 
 
@@ -161,7 +135,7 @@ class Encoder:
         self._pool = (multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir),))
                       if workers > 0 else None)
 
-    def map(self, batches: Iterable[list[sources.Cut]]) -> Iterator[dict]:
+    def imap(self, batches: Iterable[list[sources.Cut]]) -> Iterator[dict]:
         if self._pool is None:
             yield from (encode(b, self.val_fraction, self.tokenizer) for b in batches)
             return
@@ -193,9 +167,8 @@ def write_part(folder: Path, data_cfg: DataConfig, files: Files, encoder: Encode
     counts = {s: np.zeros(encoder.tokenizer.vocab_size, np.int64) for s in SPLITS}
     totals = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     invalid = 0
-    cuts = sources.budgeted(sources.raw_documents(data_cfg, files), data_cfg.max_bytes)
     with open(folder / "documents.jsonl", "w") as listing:
-        for batch in encoder.map(_batches(cuts)):
+        for batch in encoder.imap(_batches(sources.cuts(data_cfg, files))):
             invalid += batch["invalid_utf8"]
             listing.writelines(json.dumps(r) + "\n" for r in batch["records"])
             for s in SPLITS:
@@ -213,7 +186,7 @@ def write_part(folder: Path, data_cfg: DataConfig, files: Files, encoder: Encode
     pause_point("prepare_part", int(folder.name.split("-")[0]))  # tests stop a preparation mid-part here
     record = {"name": folder.name, "fingerprint": plan["fingerprint"], "files": _files_digest(files),
               "totals": totals, "invalid_utf8": invalid}
-    store.write_json(folder / store.PART_FILE, record)
+    write_json(folder / store.PART_FILE, record)
     return record
 
 
@@ -242,7 +215,16 @@ def write_parts(out: Path, data_cfg: DataConfig, parts: list[Files], plan: dict,
     return todo
 
 
-def merge(out: Path, plan: dict, require_split: Callable[[str, int], None]) -> dict:
+def require_split(split: str, tokens: int, data_cfg: DataConfig) -> None:
+    """Both splits need a target (two packed tokens): training needs one, held-out evaluation the other."""
+    if tokens > 1:
+        return
+    fix = "raise data.val_fraction" if split == "val" else "lower data.val_fraction"
+    raise ConfigError(f"the {split} split is empty with data.val_fraction={data_cfg.val_fraction} "
+                      f"(data.max_bytes={data_cfg.max_bytes}); {fix} or add documents")
+
+
+def merge(out: Path, plan: dict, data_cfg: DataConfig) -> dict:
     """Checks that every part is there and from this tokenizer; writes the counts and the manifest."""
     records = []
     for k in range(plan["parts"]):
@@ -258,7 +240,7 @@ def merge(out: Path, plan: dict, require_split: Callable[[str, int], None]) -> d
     totals = {s: {key: sum(r["totals"][s][key] for r in records) for key in ("documents", "tokens", "bytes")}
               for s in SPLITS}
     for s in SPLITS:
-        require_split(s, totals[s]["tokens"])
+        require_split(s, totals[s]["tokens"], data_cfg)
         counts = sum(np.load(out / store.PARTS_DIR / r["name"] / f"{s}_counts.npy") for r in records)
         np.save(out / f"{s}_counts.npy", counts)
     invalid = sum(r["invalid_utf8"] for r in records)
@@ -271,12 +253,63 @@ def merge(out: Path, plan: dict, require_split: Callable[[str, int], None]) -> d
                 "data": plan["data"], "totals": totals, "invalid_utf8": invalid,
                 "val_bytes_per_token": val["bytes"] / val["tokens"],
                 "parts": [{"name": r["name"], "tokens": {s: r["totals"][s]["tokens"] for s in SPLITS}} for r in records]}
-    store.write_json(out / store.MANIFEST_FILE, manifest)
+    write_json(out / store.MANIFEST_FILE, manifest)
     return manifest
 
 
-def document_listing(folder: Path) -> list[dict]:
+def document_listing(folder: Path, manifest: dict) -> list[dict]:
     """Every document's name, bytes and split, in stream order (for a small corpus's run manifest)."""
-    manifest = store.read_manifest(folder)
     return [json.loads(line) for p in manifest["parts"]
             for line in (folder / store.PARTS_DIR / p["name"] / "documents.jsonl").open()]
+
+
+# ---- the store a run reads ----
+
+def _cache_folder(data_cfg: DataConfig, tokenizer: Tokenizer, run_dir: Path) -> Path:
+    """A folder per (what was read, how it was tokenized); shuffling and workers do not change tokens."""
+    fields = data_fields(data_cfg)
+    fields.update(tokenizer=tokenizer.fingerprint, vocab=tokenizer.vocab_size, version=CACHE_VERSION)
+    key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    return run_dir / CACHE_DIR / key
+
+
+def _build_cache(data_cfg: DataConfig, tokenizer: Tokenizer, folder: Path) -> None:
+    """Prepares into a private folder and renames it into place: processes sharing a disk may race."""
+    parts = sources.on_the_fly_parts(data_cfg)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    plan = create(tmp, data_cfg, tokenizer, parts, sources.PART_BYTES)
+    write_parts(tmp, data_cfg, parts, plan, tokenizer, (0, 1), workers=0, progress=False)
+    merge(tmp, plan, data_cfg)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first: same tokens
+        shutil.rmtree(tmp)
+
+
+def dataset_folder(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> Path:
+    """The prepared folder a run reads: data.path, or the on-the-fly cache (built on first use).
+    Records its manifest as RUN_DIR/data_manifest.json."""
+    run_dir = Path(run_dir)
+    if cfg.data.source == "prepared":
+        folder = Path(cfg.data.path)
+        manifest = store.read_manifest(folder)
+        if manifest["fingerprint"] != tokenizer.fingerprint:
+            raise ConfigError(f"data.path='{folder}' was prepared with tokenizer {manifest['tokenizer']} "
+                              f"({manifest['fingerprint']}) but {run_dir / 'tokenizer'} is {tokenizer.name} "
+                              f"({tokenizer.fingerprint}); use a new run directory or data prepared with this tokenizer")
+    else:
+        folder = _cache_folder(cfg.data, tokenizer, run_dir)
+        if not (folder / store.MANIFEST_FILE).is_file():
+            _build_cache(cfg.data, tokenizer, folder)
+        manifest = store.read_manifest(folder)
+    for split in SPLITS:
+        require_split(split, manifest["totals"][split]["tokens"], cfg.data)
+    if not (run_dir / store.MANIFEST_FILE).is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"source": cfg.data.source, "path": cfg.data.path, **manifest}
+        if cfg.data.source != "prepared":  # a small corpus: list its documents, as the run trained on them
+            record["documents"] = document_listing(folder, manifest)
+        write_json(run_dir / store.MANIFEST_FILE, record)
+    return folder

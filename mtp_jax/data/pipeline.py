@@ -6,13 +6,11 @@ The n extra tokens of window k are the first n of window k+1, so every token but
 next-token target exactly once. `segment_ids` number the documents 1, 2, ... within each window
 (a document's EOT is part of it) and are 0 on padding: the stream's end is padded with EOT. The
 loss trains head i at position t only where segment_ids[t] == segment_ids[t+i] != 0, so no head
-predicts across a document boundary or onto padding. `pack` builds that stream in memory and is
-kept as the reference the lazy reader is tested against.
+predicts across a document boundary or onto padding. `build.pack` lays documents out so when the
+store is written, and serves as the reference the lazy reader is tested against.
 
-Where the stream lives: data.source=prepared reads mtp-prepare's OUT_DIR (store.py) and the run
-directory holds no copy of it. The small on-the-fly sources (stdlib, files, jsonl) are prepared
-once per run into RUN_DIR/data_cache/<key>/ in the same format; that cache is bounded by
-ON_THE_FLY_MAX_BYTES of input (larger corpora must go through mtp-prepare) and may be deleted.
+Where the stream lives: the last stage of the data layer reads the prepared token store
+(store.py) that `build.dataset_folder` names: mtp-prepare's OUT_DIR, or the run's on-the-fly cache.
 
 Determinism: global batch s holds positions [s*B, (s+1)*B) of an endless stream of window
 indices, each epoch a fresh Grain shuffle seeded by data.shuffle_seed; process p of P keeps rows
@@ -23,129 +21,17 @@ number of processes, and the iterator's whole state is the step.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import os
-import shutil
 from pathlib import Path
 from typing import Iterator
 
 import grain
 import numpy as np
 
-from mtp_jax.config import Config, ConfigError, DataConfig
-from mtp_jax.data import build, sources, store
-from mtp_jax.data.store import SPLITS
-from mtp_jax.data.tokenizer import META_FILE, ByteTokenizer, Tokenizer, expected_name, load_tokenizer
+from mtp_jax.config import Config, ConfigError
+from mtp_jax.data import build, store
+from mtp_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
-CACHE_DIR = "data_cache"
-CACHE_VERSION = 3  # 3: documents open with the tokenizer's start token; 2: the token store (older folders are ignored and may be deleted)
-ON_THE_FLY_MAX_BYTES = 2 << 30  # input bytes an on-the-fly source may have; beyond, use mtp-prepare
-MANIFEST_FILE = store.MANIFEST_FILE
-
-
-def _on_the_fly_parts(data_cfg: DataConfig) -> list[build.Files]:
-    files = sources.input_files(data_cfg)
-    size = sum(path.stat().st_size for _, path in files)
-    if min(size, data_cfg.max_bytes or size) > ON_THE_FLY_MAX_BYTES:
-        raise ConfigError(f"data.source={data_cfg.source} has {size / 2**30:.1f} GiB of input, more than a run "
-                          f"prepares on the fly ({ON_THE_FLY_MAX_BYTES >> 30} GiB); run `mtp-prepare CONFIG OUT_DIR` "
-                          "and train with data.source=prepared data.path=OUT_DIR")
-    return build.plan_parts(files, build.PART_BYTES, data_cfg.max_bytes)
-
-
-def build_tokenizer(data_cfg: DataConfig, run_dir: str | Path) -> Tokenizer:
-    """The run's tokenizer: loaded from RUN_DIR/tokenizer/ if there, else made and saved there.
-
-    Prepared data brings the tokenizer that encoded it; BPE trains on a bounded sample of the
-    train split (data.bpe_train_chars).
-    """
-    folder = Path(run_dir) / "tokenizer"
-    if (folder / META_FILE).is_file():
-        tokenizer = load_tokenizer(folder)
-    elif data_cfg.source == "prepared":
-        tokenizer = load_tokenizer(Path(data_cfg.path) / "tokenizer")
-    elif data_cfg.tokenizer == "bytes":
-        tokenizer = ByteTokenizer()
-    else:
-        tokenizer = build.make_tokenizer(data_cfg, _on_the_fly_parts(data_cfg))
-    if tokenizer.name != expected_name(data_cfg):
-        raise ConfigError(
-            f"the tokenizer for {run_dir} is '{tokenizer.name}' but the config asks for '{expected_name(data_cfg)}'; "
-            "set data.tokenizer/data.bpe_vocab_size to match or use a new directory"
-        )
-    if not (folder / META_FILE).is_file():
-        tokenizer.save(folder)
-    return tokenizer
-
-
-def require_split(split: str, tokens: int, data_cfg: DataConfig) -> None:
-    """Both splits need a target (two packed tokens): training needs one, held-out evaluation the other."""
-    if tokens > 1:
-        return
-    fix = "raise data.val_fraction" if split == "val" else "lower data.val_fraction"
-    raise ConfigError(f"the {split} split is empty with data.val_fraction={data_cfg.val_fraction} "
-                      f"(data.max_bytes={data_cfg.max_bytes}); {fix} or add documents")
-
-
-def _cache_folder(data_cfg: DataConfig, tokenizer: Tokenizer, run_dir: Path) -> Path:
-    """A folder per (what was read, how it was tokenized); shuffling and workers do not change tokens."""
-    fields = build.data_fields(data_cfg)
-    fields.update(tokenizer=tokenizer.fingerprint, vocab=tokenizer.vocab_size, version=CACHE_VERSION)
-    key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-    return run_dir / CACHE_DIR / key
-
-
-def _build_cache(data_cfg: DataConfig, tokenizer: Tokenizer, folder: Path) -> None:
-    """Prepares into a private folder and renames it into place: processes sharing a disk may race."""
-    parts = _on_the_fly_parts(data_cfg)
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    plan = build.create(tmp, data_cfg, tokenizer, parts, build.PART_BYTES)
-    build.write_parts(tmp, data_cfg, parts, plan, tokenizer, (0, 1), workers=0, progress=False)
-    build.merge(tmp, plan, lambda split, tokens: require_split(split, tokens, data_cfg))
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process finished first: same tokens
-        shutil.rmtree(tmp)
-
-
-def dataset_folder(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> Path:
-    """The prepared folder a run reads: data.path, or the on-the-fly cache (built on first use).
-    Records its manifest as RUN_DIR/data_manifest.json."""
-    run_dir = Path(run_dir)
-    if cfg.data.source == "prepared":
-        folder = Path(cfg.data.path)
-        manifest = store.read_manifest(folder)
-        if manifest["fingerprint"] != tokenizer.fingerprint:
-            raise ConfigError(f"data.path='{folder}' was prepared with tokenizer {manifest['tokenizer']} "
-                              f"({manifest['fingerprint']}) but {run_dir / 'tokenizer'} is {tokenizer.name} "
-                              f"({tokenizer.fingerprint}); use a new run directory or data prepared with this tokenizer")
-    else:
-        folder = _cache_folder(cfg.data, tokenizer, run_dir)
-        if not (folder / MANIFEST_FILE).is_file():
-            _build_cache(cfg.data, tokenizer, folder)
-        manifest = store.read_manifest(folder)
-    for split in SPLITS:
-        require_split(split, manifest["totals"][split]["tokens"], cfg.data)
-    if not (run_dir / MANIFEST_FILE).is_file():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        record = {"source": cfg.data.source, "path": cfg.data.path, **manifest}
-        if cfg.data.source != "prepared":  # a small corpus: list its documents, as the run trained on them
-            record["documents"] = build.document_listing(folder)
-        store.write_json(run_dir / MANIFEST_FILE, record)
-    return folder
-
-
-def corpus_stats(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> dict:
-    """Documents, tokens and UTF-8 bytes per split, and val_bytes_per_token (for bits per byte),
-    counted once at preparation."""
-    manifest = store.read_manifest(dataset_folder(cfg, tokenizer, run_dir))
-    return {**manifest["totals"], "val_bytes_per_token": manifest["val_bytes_per_token"],
-            "invalid_utf8": manifest["invalid_utf8"]}
 
 
 class Windows:
@@ -176,10 +62,14 @@ class Windows:
         return {"tokens": tokens, "segment_ids": segments.astype(np.int32)}
 
 
+def split_stream(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path, split: str) -> store.SplitStream:
+    """A split's token stream ('train' or 'val') in the store the run reads (built on first use)."""
+    return store.SplitStream(build.dataset_folder(cfg, tokenizer, run_dir), split)
+
+
 def split_windows(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path, split: str) -> Windows:
-    """All windows of a split ('train' or 'val'), in stream order."""
-    stream = store.SplitStream(dataset_folder(cfg, tokenizer, run_dir), split)
-    return Windows(stream, cfg.train.seq_len, cfg.model.mtp_heads, tokenizer.eot_id)
+    """All windows of a split, in stream order."""
+    return Windows(split_stream(cfg, tokenizer, run_dir, split), cfg.train.seq_len, cfg.model.mtp_heads, tokenizer.eot_id)
 
 
 def local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -267,11 +157,6 @@ def make_eval_batches(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path, nu
     return [windows.rows(np.arange(b * size, (b + 1) * size)[rows]) for b in range(count)]
 
 
-def unigram_baseline(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> float:
-    """Cross-entropy (nats/token) on the val split of add-one-smoothed train token frequencies:
-    the loss a model that ignores context would reach (from the counts made at preparation)."""
-    folder = dataset_folder(cfg, tokenizer, run_dir)
-    train = store.SplitStream(folder, "train").unigram_counts()[: tokenizer.vocab_size] + 1.0
-    val = store.SplitStream(folder, "val").unigram_counts()[: tokenizer.vocab_size]
-    log_p = np.log(train) - math.log(train.sum())
-    return float(-(val * log_p).sum() / val.sum())
+def corpus_stats(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> dict:
+    """What preparation counted in the store the run reads (`store.corpus_stats`)."""
+    return store.corpus_stats(build.dataset_folder(cfg, tokenizer, run_dir), tokenizer.vocab_size)

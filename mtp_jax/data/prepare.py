@@ -15,8 +15,7 @@ from pathlib import Path
 
 from mtp_jax.config import Config, load_config
 from mtp_jax.data import build, sources, store
-from mtp_jax.data.pipeline import require_split
-from mtp_jax.data.tokenizer import load_tokenizer
+from mtp_jax.data.tokenizer import load_tokenizer, make_tokenizer
 from mtp_jax.errors import ArgParser, UserError, guarded
 
 
@@ -35,10 +34,9 @@ def _start(cfg: Config, out: Path, part_bytes: int) -> dict:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"OUT_DIR '{out}' is not empty; choose an empty folder (or pass --resume to continue "
                         "a preparation there)")
-    files = sources.input_files(cfg.data)
-    parts = build.plan_parts(files, part_bytes, cfg.data.max_bytes)
+    parts = sources.parts(cfg.data, part_bytes)
     out.mkdir(parents=True, exist_ok=True)
-    return build.create(out, cfg.data, build.make_tokenizer(cfg.data, parts), parts, part_bytes)
+    return build.create(out, cfg.data, make_tokenizer(cfg.data, parts), parts, part_bytes)
 
 
 def _existing(cfg: Config, out: Path) -> dict:
@@ -58,7 +56,7 @@ def _existing(cfg: Config, out: Path) -> dict:
 
 def prepare(config_path: str | None, out_dir: str, overrides: list[str] | tuple[str, ...] = (), *,
             workers: int = 0, shard: tuple[int, int] = (0, 1), resume: bool = False, tokenizer_only: bool = False,
-            merge_only: bool = False, part_bytes: int = build.PART_BYTES, progress: bool = True) -> dict:
+            merge_only: bool = False, part_bytes: int = sources.PART_BYTES, progress: bool = True) -> dict:
     """Runs the requested step; returns the manifest once the dataset is complete, else the plan."""
     cfg = load_config(config_path, overrides)
     if cfg.data.source == "prepared":
@@ -79,7 +77,7 @@ def prepare(config_path: str | None, out_dir: str, overrides: list[str] | tuple[
     if tokenizer_only:
         return plan
     if not merge_only:
-        parts = build.plan_parts(sources.input_files(cfg.data), plan["part_bytes"], cfg.data.max_bytes)
+        parts = sources.parts(cfg.data, plan["part_bytes"])
         mine = [k for k in range(len(parts)) if k % shard[1] == shard[0]]
         begun = [k for k in mine if (out / store.PARTS_DIR / build.part_name(k, len(parts))).exists()]
         if begun and not resume:
@@ -89,7 +87,7 @@ def prepare(config_path: str | None, out_dir: str, overrides: list[str] | tuple[
         build.write_parts(out, cfg.data, parts, plan, tokenizer, shard, workers, progress)
         if shard[1] > 1:
             return plan
-    return build.merge(out, plan, lambda split, tokens: require_split(split, tokens, cfg.data))
+    return build.merge(out, plan, cfg.data)
 
 
 @guarded
@@ -103,7 +101,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokenizer-only", action="store_true", help="first step of a sharded preparation")
     parser.add_argument("--merge", action="store_true", help="last step of a sharded preparation")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted preparation in OUT_DIR")
-    parser.add_argument("--part-bytes", type=int, default=build.PART_BYTES, help="input bytes per part (first step only: the plan keeps it)")
+    parser.add_argument("--part-bytes", type=int, default=sources.PART_BYTES, help="input bytes per part (first step only: the plan keeps it)")
     args = parser.parse_args(argv)
     if args.workers < 0 or args.part_bytes <= 0:
         raise UserError(f"--workers={args.workers} --part-bytes={args.part_bytes}: use workers >= 0, part bytes > 0")

@@ -1,6 +1,6 @@
 """Where documents come from: the Python standard library's own source, files, JSONL, or a
-generated task (`mtp_jax/tasks/`; the prepared token store that `mtp-prepare` writes is read by
-store.py).
+generated task (generated.py). The first stage of the data layer: the tokenizer samples these
+documents, preparation (build.py) encodes them, and nothing here knows about tokens.
 
 Text sources yield documents in a fixed sorted order; each lands in the train or validation
 split by a stable hash of its name (sha1, not Python's per-process `hash()`), so the split
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from mtp_jax.config import ConfigError, DataConfig
-from mtp_jax.data.store import SPLITS  # noqa: F401 (re-exported: the splits a document lands in)
+from mtp_jax.data import generated
 
 # Vendored packages are not the standard library; its test suite (~3x the rest, full of deliberately
 # odd code and encodings) would dominate the corpus.
@@ -48,8 +48,11 @@ MIN_ALNUM_FRACTION, MAX_DIGIT_FRACTION, MAX_HEX_FRACTION = 0.25, 0.1, 0.1
 RawDoc = tuple[str, int, Callable[[int], bytes]]
 # (name, bytes to read, whether that is the whole document, read): a RawDoc after the max_bytes cut.
 Cut = tuple[str, int, bool, Callable[[int], bytes]]
-GENERATED_SOURCES = ("induction", "polynomial")
+Files = list[tuple[str, Path]]  # (name, path) in sorted order
+SPLITS = ("train", "val")  # the splits a document lands in
 SPLIT_MARK = "::"  # a generated document's name is <split>::<index>
+PART_BYTES = 1 << 30  # input bytes per part: the unit a preparation resumes at
+ON_THE_FLY_MAX_BYTES = 2 << 30  # input bytes a run prepares itself; beyond, use mtp-prepare
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +99,13 @@ def _decode(data: bytes, complete: bool) -> tuple[str, bool]:
 def read_corpus(cfg: DataConfig) -> Corpus:
     """Documents of a text source in sorted order, the total capped at max_bytes (the last one cut).
 
-    Holds the whole corpus: for small corpora and tests; preparation streams `budgeted` instead.
+    Holds the whole corpus: for small corpora and tests; preparation streams `cuts` instead.
     """
-    documents = [make_document(doc, cfg.val_fraction) for doc in budgeted(raw_documents(cfg), cfg.max_bytes)]
-    if not documents:
+    corpus = Corpus(list(documents(cfg, input_files(cfg))))
+    if not corpus.documents:
         where = "the standard library" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
         raise ConfigError(f"data.source={cfg.source} found no text in {where}; point data.path at non-empty documents")
-    return Corpus(documents)
+    return corpus
 
 
 def budgeted(raw: Iterable[RawDoc], max_bytes: int) -> Iterator[Cut]:
@@ -125,7 +128,17 @@ def make_document(cut: Cut, val_fraction: float) -> Document:
     return Document(name, text, split_for(name, val_fraction), len(text.encode("utf-8")), valid)
 
 
-def input_files(cfg: DataConfig) -> list[tuple[str, Path]]:
+def cuts(cfg: DataConfig, files: Files) -> Iterator[Cut]:
+    """The documents of `files` within the max_bytes budget, not yet read: preparation's workers read them."""
+    return budgeted(raw_documents(cfg, files), cfg.max_bytes)
+
+
+def documents(cfg: DataConfig, files: Files) -> Iterator[Document]:
+    """The documents of `files` within the max_bytes budget, read one at a time."""
+    return (make_document(cut, cfg.val_fraction) for cut in cuts(cfg, files))
+
+
+def input_files(cfg: DataConfig) -> Files:
     """(name, path) of a text source's files in sorted order: the units preparation splits into parts."""
     if cfg.source == "stdlib":
         return _stdlib_files()
@@ -133,20 +146,46 @@ def input_files(cfg: DataConfig) -> list[tuple[str, Path]]:
         return _files(cfg.path)
     if cfg.source == "jsonl":
         return _files(cfg.path, suffix=".jsonl")
-    if cfg.source in GENERATED_SOURCES:
-        from mtp_jax.tasks.corpus import task_files
-
-        return task_files(cfg)
+    if cfg.source in generated.SOURCES:
+        return generated.task_files(cfg)
     raise ConfigError(f"data.source={cfg.source} holds tokens, not text; use it for training, not as text input")
 
 
-def raw_documents(cfg: DataConfig, files: list[tuple[str, Path]] | None = None) -> Iterator[RawDoc]:
-    """The documents of `files` (default: all the source's files), reading deferred."""
-    files = input_files(cfg) if files is None else files
-    if cfg.source in ("jsonl", *GENERATED_SOURCES):
+def raw_documents(cfg: DataConfig, files: Files) -> Iterator[RawDoc]:
+    """The documents of `files`, reading deferred."""
+    if cfg.source in ("jsonl", *generated.SOURCES):
         return _jsonl_documents(files, cfg.text_field if cfg.source == "jsonl" else "text",
-                                named=cfg.source in GENERATED_SOURCES)
+                                named=cfg.source in generated.SOURCES)
     return _file_documents(files)
+
+
+def parts(cfg: DataConfig, part_bytes: int) -> list[Files]:
+    """The source's files in consecutive groups of about part_bytes; one group when max_bytes cuts
+    the stream (the cut depends on every earlier document). The grouping follows from the file
+    list alone, so every machine of a sharded preparation computes the same one."""
+    files = input_files(cfg)
+    if cfg.max_bytes > 0:
+        return [files]
+    groups: list[Files] = [[]]
+    size = 0
+    for name, path in files:
+        if groups[-1] and size >= part_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, path))
+        size += path.stat().st_size
+    return groups
+
+
+def on_the_fly_parts(cfg: DataConfig) -> list[Files]:
+    """The parts of a source small enough for a run to prepare itself (its tokenizer and data cache)."""
+    found = parts(cfg, PART_BYTES)
+    size = sum(path.stat().st_size for files in found for _, path in files)
+    if min(size, cfg.max_bytes or size) > ON_THE_FLY_MAX_BYTES:
+        raise ConfigError(f"data.source={cfg.source} has {size / 2**30:.1f} GiB of input, more than a run "
+                          f"prepares on the fly ({ON_THE_FLY_MAX_BYTES >> 30} GiB); run `mtp-prepare CONFIG OUT_DIR` "
+                          "and train with data.source=prepared data.path=OUT_DIR")
+    return found
 
 
 def looks_like_code(data: bytes) -> bool:
@@ -165,7 +204,7 @@ def looks_like_code(data: bytes) -> bool:
             and hex_bytes <= MAX_HEX_FRACTION * len(data))
 
 
-def _stdlib_files() -> list[tuple[str, Path]]:
+def _stdlib_files() -> Files:
     """The standard library's own modules, less tests, vendored packages and `looks_like_code` rejects."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
@@ -176,7 +215,7 @@ def _stdlib_files() -> list[tuple[str, Path]]:
     return sorted((p.relative_to(root).as_posix(), p) for p in kept)
 
 
-def _files(value: str, suffix: str = "") -> list[tuple[str, Path]]:
+def _files(value: str, suffix: str = "") -> Files:
     """(name, path) of the regular files a folder holds (recursively) or a glob matches, sorted by name."""
     if any(c in value for c in "*?["):
         found = [(p, Path(p)) for p in glob.glob(value, recursive=True) if os.path.isfile(p)]
@@ -194,7 +233,7 @@ def _files(value: str, suffix: str = "") -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def _file_documents(files: list[tuple[str, Path]]) -> Iterator[RawDoc]:
+def _file_documents(files: Files) -> Iterator[RawDoc]:
     for name, path in files:
         yield name, path.stat().st_size, functools.partial(_read_prefix, path)
 
@@ -208,7 +247,7 @@ def _slice_prefix(data: bytes, limit: int) -> bytes:
     return data[:limit]
 
 
-def _jsonl_documents(files: list[tuple[str, Path]], field: str, named: bool = False) -> Iterator[RawDoc]:
+def _jsonl_documents(files: Files, field: str, named: bool = False) -> Iterator[RawDoc]:
     """One document per line. Invalid UTF-8 survives JSON parsing as surrogate escapes, so it is
     counted by the same `_decode` as files. `named`: each file's name is its documents' split."""
     for name, path in files:

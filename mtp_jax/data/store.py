@@ -30,16 +30,16 @@ slice of one array, or two where it crosses a part boundary.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import tensorstore as ts
 
-from mtp_jax.atomic import write_atomic
+from mtp_jax.data.sources import SPLITS
 from mtp_jax.errors import UserError
 
-SPLITS = ("train", "val")
 MANIFEST_FILE = "data_manifest.json"
 PART_FILE = "part.json"
 PARTS_DIR = "parts"
@@ -106,11 +106,6 @@ def open_array(path: Path) -> Any:
     return ts.open(_spec(path), read=True, context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})).result()
 
 
-def write_json(path: Path, value: dict) -> None:
-    """Renamed into place, so a reader (or a resumed preparation) never sees half a file."""
-    write_atomic(path, json.dumps(value, indent=2))
-
-
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
@@ -121,6 +116,23 @@ def read_manifest(folder: str | Path) -> dict:
         raise UserError(f"'{path}' is format {manifest.get('format')!r}, this version reads {FORMAT_VERSION}; "
                         "re-run mtp-prepare with this version")
     return manifest
+
+
+def corpus_stats(folder: str | Path, vocab_size: int) -> dict:
+    """Documents, tokens and UTF-8 bytes per split, val_bytes_per_token (for bits per byte) and the
+    unigram baseline: all counted once at preparation, so none needs a corpus scan."""
+    manifest = read_manifest(folder)
+    return {**manifest["totals"], "val_bytes_per_token": manifest["val_bytes_per_token"],
+            "invalid_utf8": manifest["invalid_utf8"], "unigram_baseline": _unigram_baseline(Path(folder), vocab_size)}
+
+
+def _unigram_baseline(folder: Path, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) on the val split of add-one-smoothed train token frequencies:
+    the loss a model that ignores context would reach."""
+    train = np.load(folder / "train_counts.npy")[:vocab_size] + 1.0
+    val = np.load(folder / "val_counts.npy")[:vocab_size]
+    log_p = np.log(train) - math.log(train.sum())
+    return float(-(val * log_p).sum() / val.sum())
 
 
 class SplitStream:
@@ -171,6 +183,3 @@ class SplitStream:
             ends = ends.astype(np.int64) + self.offsets[part]
             starts = np.concatenate([[self.offsets[part]], ends[:-1]])
             yield from zip(starts.tolist(), ends.tolist())
-
-    def unigram_counts(self) -> np.ndarray:
-        return np.load(self.folder / f"{self.split}_counts.npy")

@@ -2,7 +2,9 @@
 model's own (SentencePiece `tokenizer.model`, Hugging Face `tokenizer.json`) brought in by mtp-convert.
 
 A run saves its tokenizer in `RUN_DIR/tokenizer/` so that evaluation and decoding turn ids back
-into exactly the text the model was trained on. `tokenizer.json` there names the kind.
+into exactly the text the model was trained on. `tokenizer.json` there names the kind. The second
+stage of the data layer: BPE trains on documents of the sources (sources.py) and nothing else;
+preparation (build.py) encodes with what is made here.
 
 Each kind has one document convention, used by packing, prompts and evaluation alike: a document
 is [start token] + its ids + end token. Bytes and BPE have no start token (a document's first
@@ -18,12 +20,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from mtp_jax.atomic import write_atomic
+from mtp_jax.atomic import write_json
 from mtp_jax.config import ConfigError, DataConfig
+from mtp_jax.data import sources
 
 META_FILE = "tokenizer.json"
 BPE_FILE = "bpe.json"
@@ -54,7 +57,7 @@ class Tokenizer(Protocol):
 def _write_meta(directory: str | Path, meta: dict) -> Path:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / META_FILE, json.dumps(meta, indent=2))
+    write_json(path / META_FILE, meta)
     return path
 
 
@@ -168,8 +171,8 @@ class PretrainedTokenizer:
         """The file under its Hugging Face name (tokenizer.model or tokenizer.json)."""
         spm = self.path.suffix == ".model"
         shutil.copyfile(self.path, directory / (SPM_FILE if spm else "tokenizer.json"))
-        config = {"tokenizer_class": "LlamaTokenizer", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"} \
-            if spm else {"eos_token": self.eos_token, "bos_token": self.bos_token}
+        config = ({"tokenizer_class": "LlamaTokenizer", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
+                  if spm else {"eos_token": self.eos_token, "bos_token": self.bos_token})
         (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
@@ -247,3 +250,43 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if meta.get("kind") == "pretrained":
         return PretrainedTokenizer(path / meta["file"], meta.get("eos_token"), meta.get("bos_token"))
     raise ConfigError(f"'{meta_path}' names an unknown tokenizer kind {meta.get('kind')!r}; expected bytes, bpe or pretrained")
+
+
+def sample_texts(data_cfg: DataConfig, parts: list[sources.Files]) -> Iterator[str]:
+    """Train-split texts for BPE: an equal share of data.bpe_train_chars from the start of every
+    part (with one part, simply the first characters in sorted order)."""
+    share = max(1, data_cfg.bpe_train_chars // len(parts))
+    for files in parts:
+        yield from capped((d.text for d in sources.documents(data_cfg, files) if d.split == "train"), share)
+
+
+def make_tokenizer(data_cfg: DataConfig, parts: list[sources.Files]) -> Tokenizer:
+    """The tokenizer a preparation of `parts` encodes with: bytes, or BPE trained on their sample."""
+    if data_cfg.tokenizer == "bytes":
+        return ByteTokenizer()
+    return train_bpe(sample_texts(data_cfg, parts), data_cfg.bpe_vocab_size, data_cfg.bpe_train_chars)
+
+
+def build_tokenizer(data_cfg: DataConfig, run_dir: str | Path) -> Tokenizer:
+    """The run's tokenizer: loaded from RUN_DIR/tokenizer/ if there, else made and saved there.
+
+    Prepared data brings the tokenizer that encoded it; BPE trains on a bounded sample of the
+    train split (data.bpe_train_chars).
+    """
+    folder = Path(run_dir) / "tokenizer"
+    if (folder / META_FILE).is_file():
+        tokenizer = load_tokenizer(folder)
+    elif data_cfg.source == "prepared":
+        tokenizer = load_tokenizer(Path(data_cfg.path) / "tokenizer")
+    elif data_cfg.tokenizer == "bytes":
+        tokenizer = ByteTokenizer()
+    else:
+        tokenizer = make_tokenizer(data_cfg, sources.on_the_fly_parts(data_cfg))
+    if tokenizer.name != expected_name(data_cfg):
+        raise ConfigError(
+            f"the tokenizer for {run_dir} is '{tokenizer.name}' but the config asks for '{expected_name(data_cfg)}'; "
+            "set data.tokenizer/data.bpe_vocab_size to match or use a new directory"
+        )
+    if not (folder / META_FILE).is_file():
+        tokenizer.save(folder)
+    return tokenizer

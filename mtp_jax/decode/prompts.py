@@ -14,10 +14,9 @@ from mtp_jax.config import ConfigError
 def document_starts(cfg: Any, tokenizer: Any, run_dir: str | Path, length: int, count: int) -> np.ndarray:
     """(count, length) ids: the first `length` tokens of the first `count` val documents that
     long. No prompt crosses a document boundary (decoding masks none) or starts mid-document."""
-    from mtp_jax.data.pipeline import dataset_folder
-    from mtp_jax.data.store import SplitStream
+    from mtp_jax.data.pipeline import split_stream
 
-    stream = SplitStream(dataset_folder(cfg, tokenizer, run_dir), "val")
+    stream = split_stream(cfg, tokenizer, run_dir, "val")
     long_enough = itertools.islice((start for start, end in stream.documents() if end - 1 - start >= length), count)
     starts = list(long_enough)
     if len(starts) < count:

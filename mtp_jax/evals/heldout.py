@@ -72,7 +72,7 @@ def heldout_report(
     batches = pipeline.make_eval_batches(cfg, tokenizer, run_dir, cfg.train.eval_batches, *process)
     stats = pipeline.corpus_stats(cfg, tokenizer, run_dir)
     result = evaluate(eval_step, params, (place(b) for b in batches), cfg.model.mtp_heads, stats["val_bytes_per_token"])
-    result["unigram_baseline"] = pipeline.unigram_baseline(cfg, tokenizer, run_dir)
+    result["unigram_baseline"] = stats["unigram_baseline"]
     result["step"] = step
     record = make_record("heldout", step, flat_metrics(result), result)
     if process[0] == 0:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtp_jax.atomic import write_atomic
+from mtp_jax.atomic import write_json
 from mtp_jax.errors import DivergenceError, UserError
 
 SCHEMA = 1
@@ -53,7 +53,7 @@ def make_record(task: str, step: int, metrics: dict[str, float], details: dict[s
 
 def write_json_atomic(path: Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(obj, indent=2))
+    write_json(path, obj)
     return path
 
 

@@ -2,7 +2,7 @@
 
 Positions follow the loss's convention: head i's prediction at position t is for token t + i.
 
-Polynomial answers are scored on head 1's greedy answer (tasks/evaluate.py `greedy_answers`):
+Polynomial answers are scored on head 1's greedy answer (evals/tasks.py `greedy_answers`):
 exact match of all five coefficients and the accuracy of each, as the paper's greedy evaluation.
 """
 

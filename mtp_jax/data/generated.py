@@ -1,5 +1,6 @@
-"""The generated sources as data: training documents from data.task_seed, and the fixed test set
-as the validation split (so held-out loss is measured on the test documents too)."""
+"""The generated task sources (`mtp_jax/tasks/`) as documents: training documents from
+data.task_seed, and the fixed test set as the validation split (so held-out loss is measured on
+the test documents too)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from mtp_jax.config import ConfigError, DataConfig
 from mtp_jax.tasks import induction, polynomial
+
+SOURCES = ("induction", "polynomial")  # the data.source values generated here
 
 
 def task_texts(cfg: DataConfig) -> dict[str, list[str]]:

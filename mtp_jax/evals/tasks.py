@@ -1,5 +1,6 @@
-"""Task evaluations of a model on the fixed test sets: one function per task, one entry point
-(`evaluate_task`) that writes the shared result record and the TensorBoard scalars."""
+"""Evaluations of a model on the synthetic tasks' fixed test sets (mtp_jax/tasks/): one function
+per task, one entry point (`evaluate_task`) that writes the shared result record and the
+TensorBoard scalars."""
 
 from __future__ import annotations
 
