@@ -104,9 +104,13 @@ def _build_cache(data_cfg: DataConfig, tokenizer: Tokenizer, folder: Path) -> No
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    plan = build.create(tmp, data_cfg, tokenizer, parts, build.PART_BYTES)
-    build.write_parts(tmp, data_cfg, parts, plan, tokenizer, (0, 1), workers=0, progress=False)
-    build.merge(tmp, plan, lambda split, tokens: require_split(split, tokens, data_cfg))
+    try:
+        plan = build.create(tmp, data_cfg, tokenizer, parts, build.PART_BYTES)
+        build.write_parts(tmp, data_cfg, parts, plan, tokenizer, (0, 1), workers=0, progress=False)
+        build.merge(tmp, plan, lambda split, tokens: require_split(split, tokens, data_cfg))
+    except BaseException:  # a full disk, Ctrl-C: nothing half-built stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, folder)
     except OSError:  # another process finished first: same tokens
