@@ -27,7 +27,7 @@ from mtp_jax.capacity import check_training_fits
 from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data import pipeline
-from mtp_jax.errors import EXIT_USER, denied_error, full_disk_in, write_error
+from mtp_jax.errors import EXIT_USER, denied_error, full_disk_in
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
@@ -96,7 +96,7 @@ def _unreadable_data() -> Iterator[None]:
 _TENSORSTORE_READ = re.compile(r'^[A-Z_]+: Error reading .*? in local file "([^"]+)": (.*)$')
 
 
-def _damaged_data(error: Exception, data_path: str) -> ConfigError | None:
+def _damaged_data(error: ValueError, data_path: str) -> ConfigError | None:
     """A truncated or corrupt shard of prepared data (TensorStore cannot read it) is the user's to replace."""
     found = _TENSORSTORE_READ.match(str(error).splitlines()[0] if str(error) else "")
     if not found or not data_path or "://" in data_path:
@@ -183,11 +183,11 @@ def train(cfg: Config) -> dict:
         if ckpt.failed:  # a full disk mid-save: Orbax's failed threads must not be waited on or torn down
             interrupts.exit_now(str(err), EXIT_USER)
         raise
-    except (OSError, ValueError) as err:  # not a UserError (handled above): TensorStore's errors are ValueErrors
-        line = write_error(err, run_dir) or _damaged_data(err, cfg.data.path)  # a full disk, a permission; a bad shard
-        if line is None:
-            raise
-        raise line from None
+    except ValueError as err:  # not a UserError (handled above): TensorStore's read errors are ValueErrors
+        damaged = _damaged_data(err, cfg.data.path)
+        if damaged is None:
+            raise  # a full disk or a permission: errors.guarded's one line names the file
+        raise damaged from None
     finally:
         if primary:
             startup.undo()  # a start that failed before its first step leaves RUN_DIR as it was (no-op after)

@@ -302,7 +302,10 @@ def test_checkpoints_made_unwritable_mid_run_stop_at_the_next_save(tmp_path: Pat
         time.sleep(0.1)
     (run_dir / "checkpoints").chmod(0o555)
     marker.unlink()
-    code, _, err = finish(proc, timeout=120)
+    try:
+        code, _, err = finish(proc, timeout=120)  # no waiting on Orbax's writer
+    finally:
+        proc.kill()
     lines = [line for line in err.splitlines() if not line.startswith(("mesh ", "warning:"))]
     assert code == EXIT_USER and len(lines) == 1, err[-3000:]
     assert lines[0].startswith(f"error: cannot write checkpoint step 4 in {run_dir / 'checkpoints'}: permission "
