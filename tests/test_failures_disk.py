@@ -116,8 +116,10 @@ def test_full_disk_mid_training_is_one_line_and_resumes(tmp_path: Path) -> None:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.1)
     step2 = {p: p.read_bytes() for p in (run_dir / "checkpoints" / "2").rglob("*") if p.is_file()}
-    limit = 16 * 1024  # below most of the step-4 save's files (those of step 2 show their sizes), above metrics.jsonl
-    assert sum(len(b) > limit for b in step2.values()) >= 4 and (run_dir / "metrics.jsonl").stat().st_size < limit // 4
+    # below the step-4 save's largest files (those of step 2 show their sizes; how TensorStore splits the arrays into
+    # files varies from run to run), above metrics.jsonl
+    limit = 16 * 1024
+    assert max(map(len, step2.values())) > 4 * limit and (run_dir / "metrics.jsonl").stat().st_size < limit // 4
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
     marker.unlink()  # pause_point goes on
     code, _, err = finish(proc)
