@@ -186,7 +186,7 @@ def train(cfg: Config) -> dict:
     except ValueError as err:  # not a UserError (handled above): TensorStore's read errors are ValueErrors
         damaged = _damaged_data(err, cfg.data.path)
         if damaged is None:
-            raise  # a full disk or a permission: errors.guarded's one line names the file
+            raise  # a full disk (errors.guarded says it in one line naming the file), or a bug
         raise damaged from None
     finally:
         if primary:
