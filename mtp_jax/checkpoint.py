@@ -6,7 +6,8 @@ so a save killed midway leaves a temporary directory that Orbax never lists (the
 it before its first save; nothing is deleted while a writer may still be running). A committed step
 whose files were damaged later is only found when reading it fails: restore then falls back to
 the next older step and moves the broken one to DIR/<step>.unreadable-<time>/ (never deleted);
-read-only users (mtp-eval, mtp-generate) fall back the same way but move nothing.
+read-only users (mtp-eval, mtp-generate) fall back the same way but move nothing, and when a live
+trainer rotated out every step they listed while they read, they read the newest step committed since.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import re
 import sys
 import threading
@@ -30,8 +32,13 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from mtp_jax import distributed
 from mtp_jax.config import ConfigError
-from mtp_jax.errors import full_disk_errno, full_disk_error
+from mtp_jax.errors import denied_error, full_disk_errno, full_disk_error
 from mtp_jax.hooks import pause_point
+
+
+# Rounds a read-only reader (mtp-eval, mtp-generate) makes when every step it listed was rotated out while it read
+# them (a live trainer with train.keep_checkpoints=1 saving every step): each round reads the newest step committed.
+LIVE_READS = 5
 
 
 def _warn(message: str) -> None:
@@ -145,6 +152,7 @@ class Checkpointer:
         latest = self._manager.latest_step()
         if latest is not None and step <= latest:
             return False
+        self._check_writable(step)
         if not self._swept:
             if distributed.is_primary():
                 self.directory.mkdir(parents=True, exist_ok=True)
@@ -158,6 +166,15 @@ class Checkpointer:
         if started:
             pause_point("save", step)
         return started
+
+    def _check_writable(self, step: int) -> None:
+        """A folder this process may not write is refused before a save starts: Orbax's writer would wait minutes
+        for the step folder it failed to create, then fail with pages of tracebacks."""
+        folder = str(self.directory)
+        if "://" not in folder and os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            newest = self.latest_step()
+            kept = f"; the newest checkpoint is step {newest}" if newest is not None else "; no checkpoint yet"
+            raise denied_error(folder, f"checkpoint step {step}", left=kept)
 
     def should_save(self, step: int) -> bool:
         """Whether `save(step, ...)` would write: the loop checks for divergence first on exactly these steps."""
@@ -195,25 +212,40 @@ class Checkpointer:
             return self._restore_given(abstract_state, step, steps, partial)
         self._warn_unfinished(steps[0] if steps else None)
         broken: list[int] = []
-        for i, candidate in enumerate(steps):
-            restored, reason = self._attempt(candidate, abstract_state, partial)
+        for again in range(LIVE_READS if self.read_only else 1):
+            if again:
+                self._manager.reload()
+                steps = sorted(set(self._manager.all_steps()) - set(broken), reverse=True)
+                if not steps:
+                    break
+                _warn(f"a trainer committed step {steps[0]} meanwhile (and rotated older steps out); reading that")
+            restored = self._newest_readable(steps, abstract_state, partial, broken)
             if restored is not None:
                 if not self.read_only:
                     self._set_aside(broken)
                 return restored
+        if broken and self.read_only:
+            raise ConfigError(
+                f"no readable checkpoint in {self.directory} (tried steps {broken}); if a trainer is writing there "
+                f"faster than this reads, rerun; otherwise restore a backup"
+            )
+        if broken:
+            raise ConfigError(
+                f"no readable checkpoint in {self.directory} (tried steps {broken}); "
+                f"move that directory away to start afresh, or restore a backup"
+            )
+        return None
+
+    def _newest_readable(self, steps: list[int], abstract_state: Any, partial: bool,
+                         broken: list[int]) -> tuple[int, Any, dict] | None:
+        """The first of `steps` (newest first) that restores; each that does not is named and added to `broken`."""
+        for i, candidate in enumerate(steps):
+            restored, reason = self._attempt(candidate, abstract_state, partial)
+            if restored is not None:
+                return restored
             older = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
             _warn(f"checkpoint step {candidate} is unreadable ({reason}); {older}")
             broken.append(candidate)
-        if steps and self.read_only:  # a live trainer may have rotated those steps out while we read them
-            raise ConfigError(
-                f"no readable checkpoint in {self.directory} (tried steps {steps}); if a trainer is writing there, "
-                f"rerun to read its newest committed step; otherwise restore a backup"
-            )
-        if steps:
-            raise ConfigError(
-                f"no readable checkpoint in {self.directory} (tried steps {steps}); "
-                f"move that directory away to start afresh, or restore a backup"
-            )
         return None
 
     def _newest_metadata(self) -> Any | None:
@@ -283,6 +315,7 @@ class Checkpointer:
 
     def _attempt(self, step: int, abstract_state: Any, partial: bool = False) -> tuple[tuple[int, Any, dict] | None, str]:
         """(restored, "") or (None, why it failed), the same on every process."""
+        pause_point("restore", step)  # tests hold a reader here while a live trainer rotates the step out
         restored, reason = None, ""
         with _no_aborted_read_dumps():  # outside the `except`, so the error and its coroutines are gone by the gc
             try:

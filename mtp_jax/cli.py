@@ -18,7 +18,9 @@ def train_main(argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=30 train.run_dir=runs/demo")
     args = ap.parse_args(argv)
     from mtp_jax.config import load_config
+    from mtp_jax.interrupts import terminate_start_up
 
+    terminate_start_up()  # importing JAX and starting up take seconds to minutes: SIGTERM there says so in one line
     cfg = load_config(args.config, args.overrides)  # before importing JAX: a config error is instant
     from mtp_jax.train import train
 

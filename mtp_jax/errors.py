@@ -7,18 +7,20 @@ fix, exit status 2. Anything else is a bug and keeps its traceback: no catch-all
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import re
 import resource
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 EXIT_USER = 2  # bad input: config, flags, paths, data
 EXIT_LOST_PEER = 3  # another process of a multi-host job stopped answering (distributed.py); not 1 (this process failed)
 EXIT_DIVERGED = 4  # non-finite loss or gradient: the run stopped, good checkpoints kept
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+EXIT_TERMINATED = 143  # SIGTERM before a trainer's first step, which had nothing to save (128 + SIGTERM)
 
 
 class UserError(ValueError):
@@ -35,7 +37,9 @@ class DivergenceError(RuntimeError):
 # errno -> what it means for the user; TensorStore (Orbax's writer) gives the errno only inside its message.
 FULL_DISK = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
              errno.EFBIG: "file too large for the file-size limit (ulimit -f)"}
+DENIED = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system"}
 _TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
+_TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
 
 
 def full_disk_errno(error: BaseException | None) -> int | None:
@@ -52,7 +56,10 @@ def full_disk_errno(error: BaseException | None) -> int | None:
     return None
 
 
-def full_disk_error(code: int, directory: str | Path, what: str, left: str = "") -> UserError:
+RERUN = "choose another directory (train.run_dir); then rerun"
+
+
+def full_disk_error(code: int, directory: str | Path, what: str, left: str = "", fix: str = RERUN) -> UserError:
     """One line for a write that found the disk full: which directory, how much is free there, the fix."""
     free = "free space unknown"  # an object store (gs://) has no disk_usage
     if "://" not in str(directory):
@@ -64,17 +71,52 @@ def full_disk_error(code: int, directory: str | Path, what: str, left: str = "")
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         free += f", files limited to {limit} bytes" if limit != resource.RLIM_INFINITY else ""
     return UserError(f"cannot write {what} in {directory}: {FULL_DISK[code]} ({free}){left}; free space there, raise "
-                     f"the quota or `ulimit -f`, or choose another directory (train.run_dir); then rerun")
+                     f"the quota or `ulimit -f`, or {fix}")
 
 
-def full_disk_write_error(error: OSError, directory: Path) -> UserError | None:
-    """The one line for an OSError that is a full disk, else None. `directory`: where the command was writing,
-    named when the error carries no file name (a failed flush)."""
+@contextlib.contextmanager
+def full_disk_in(directory: str | Path, what: str, fix: str = RERUN) -> Iterator[None]:
+    """Inside, a write that finds the disk full is one line naming `directory` (not the file deep inside it that
+    failed: a shard of a TensorStore array) and `fix`."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        code = full_disk_errno(err)
+        if code is None:
+            raise
+        raise full_disk_error(code, directory, what, fix=fix) from None
+
+
+def denied_error(directory: str | Path, what: str, reason: str = "permission denied", left: str = "",
+                 verb: str = "write") -> UserError:
+    """One line for a file or folder this process may not write (or use): which, where, the fix."""
+    return UserError(f"cannot {verb} {what} in {directory}: {reason}{left}; fix the permissions there (or choose "
+                     f"another directory, train.run_dir for a run); then rerun")
+
+
+def write_error(error: BaseException, directory: Path) -> UserError | None:
+    """The one line for an OSError (or TensorStore's ValueError, which carries the errno only in its text) that is
+    the user's to fix: a full disk, quota or file-size limit, or a missing permission; else None. `directory`: where
+    the command was writing, named when the error carries no file name (a failed flush)."""
+    named = _TENSORSTORE_FILE.search(str(error))
+    filename = getattr(error, "filename", None) or (named and named.group(1))
+    what, folder = (Path(filename).name, Path(filename).parent) if filename else ("a file", directory)
     code = full_disk_errno(error)
-    if code is None:
-        return None
-    what, folder = (Path(error.filename).name, Path(error.filename).parent) if error.filename else ("a file", directory)
-    return full_disk_error(code, folder, what)
+    if code is not None:
+        return full_disk_error(code, folder, what)
+    if isinstance(error, OSError) and error.errno in DENIED:  # a read as well as a write: "use"
+        return denied_error(folder, what, DENIED[error.errno], verb="use")
+    return None
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Inside, an OSError names `path`: a failed write or flush names no file and a temporary sibling's failure names
+    a file the user never sees, so the one line would blame the current directory or that name."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -85,19 +127,20 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:
-    """Wraps a command's main: user errors, a full disk and divergence become one line and their exit status."""
+    """Wraps a command's main: user errors, a full disk, a missing permission and divergence become one line and
+    their exit status."""
 
     def run(argv: list[str] | None = None) -> int:
         try:
             return main(sys.argv[1:] if argv is None else argv)
-        except OSError as err:  # only a full disk (every other OSError keeps its traceback, or is a UserError first)
-            full = full_disk_write_error(err, Path.cwd())
-            if full is None:
-                raise
-            print(f"error: {full}", file=sys.stderr)
-            raise SystemExit(EXIT_USER) from None
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_USER) from None
+        except (OSError, ValueError) as err:  # a full disk or a permission; any other keeps its traceback
+            line = write_error(err, Path.cwd())
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
             raise SystemExit(EXIT_USER) from None
         except DivergenceError as err:
             print(f"error: {err}", file=sys.stderr)

@@ -5,6 +5,10 @@ trainer deletes its unfinished checkpoint save) and leaves through `exit_interru
 interpreter teardown (tearing down with JAX compiling or Orbax writing in other threads is what
 crashed). A main thread stuck in compiled code never sees the KeyboardInterrupt: a watcher thread,
 woken by the signal itself, then forces the exit after GRACE_S seconds, and at once on a second Ctrl-C.
+
+SIGTERM while a trainer starts up (`terminate_start_up`, until its first step, where the trainer's own handler
+takes over to save that step) ends the start the same way, with its own line and status 143: nothing is saved
+yet, and a start that ends early leaves the run directory as it was.
 """
 
 from __future__ import annotations
@@ -16,13 +20,45 @@ import sys
 import threading
 from typing import Callable, NoReturn, TypeVar
 
-from mtp_jax.errors import EXIT_INTERRUPTED
+from mtp_jax.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 Main = TypeVar("Main", bound=Callable[..., int])
 
 GRACE_S = float(os.environ.get("MTP_INTERRUPT_GRACE_S", "5"))  # tests raise it to reach the second Ctrl-C
 _said = threading.Lock()
 _installed = False
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a trainer's start-up: unwinds as a Ctrl-C does (the start is undone), then `exit_for` says so."""
+
+
+STARTING = threading.Event()  # set by `terminate_start_up`, cleared when the trainer's own SIGTERM handler takes over
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """Ends a start-up; afterwards (a handler put back after training) SIGTERM changes nothing: the run is finishing."""
+    if STARTING.is_set():
+        raise Terminated
+
+
+def terminate_start_up() -> None:
+    """Until the trainer installs its own handler, SIGTERM raises Terminated: the default action, silent death, is
+    what this replaces. Call from the main thread."""
+    STARTING.set()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def exit_terminated() -> NoReturn:
+    exit_now("terminated (SIGTERM) before the first step, so nothing was saved; rerun the same command to start or "
+             "resume", EXIT_TERMINATED)
+
+
+def exit_for(stop: KeyboardInterrupt) -> NoReturn:
+    """The one line and status for a Ctrl-C or a start-up SIGTERM."""
+    if isinstance(stop, Terminated):
+        exit_terminated()
+    exit_interrupted()
 
 
 def exit_interrupted() -> NoReturn:
@@ -56,6 +92,8 @@ def _watch(reader: socket.socket, writer: socket.socket) -> None:
     seen = 0
     while True:
         for signum in reader.recv(64):
+            if signum == signal.SIGTERM and STARTING.is_set():
+                threading.Timer(GRACE_S, exit_terminated).start()  # if the main thread is stuck in compiled code
             if signum != signal.SIGINT:
                 continue
             seen += 1
@@ -73,8 +111,8 @@ def interruptible(main: Main) -> Main:
         install()
         try:
             return main(*args, **kwargs)
-        except KeyboardInterrupt:
-            exit_interrupted()
+        except KeyboardInterrupt as stop:
+            exit_for(stop)
 
     run.__doc__ = main.__doc__
     return run  # type: ignore[return-value]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from mtp_jax.errors import DivergenceError
+from mtp_jax.errors import DivergenceError, naming
 
 
 class MetricsWriter:
@@ -17,7 +18,8 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self._jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self._path = run_dir / "metrics.jsonl"
+        self._jsonl = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666) if enabled else None
         self._tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
@@ -29,16 +31,29 @@ class MetricsWriter:
             return
         finite = {k: float(v) for k, v in scalars.items() if math.isfinite(float(v))}  # a skipped step's loss is NaN
         row = {"step": step, **{f"{prefix}/{k}": v for k, v in finite.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        self._append(json.dumps(row) + "\n")
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step":
                     self._tb.add_scalar(key, value, step)
 
+    def _append(self, line: str) -> None:
+        """A whole line or nothing: half a line (a full disk mid-write) would glue onto the resumed run's first line,
+        and a run directory whose metrics.jsonl is not JSON lines is refused as someone else's."""
+        data = line.encode()
+        with naming(self._path):
+            end = os.lseek(self._jsonl, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(self._jsonl, data):]
+            except OSError:
+                os.ftruncate(self._jsonl, end)
+                raise
+
     def close(self) -> None:
         if self._jsonl is not None:
-            self._jsonl.close()
+            os.close(self._jsonl)
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
 

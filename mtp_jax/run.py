@@ -145,6 +145,20 @@ def foreign_entries(run_dir: Path) -> list[str]:
     return sorted(foreign)
 
 
+# What mtp-train adds files to or appends to in a run directory it resumes or restarts.
+WRITTEN_INTO = ("checkpoints", "evals", "tensorboard", "data_cache", "metrics.jsonl")
+
+
+def unwritable_entries(run_dir: Path) -> list[str]:
+    """Those of WRITTEN_INTO (and the task folders of evals/) this process may not write: found before the start
+    changes anything, not at the first save (Orbax's writer then waits minutes for the step folder it could not
+    create) or after training (its final evaluation)."""
+    paths = [run_dir / name for name in WRITTEN_INTO]
+    paths += [p for p in (run_dir / "evals").glob("*") if p.is_dir()]
+    writable = lambda p: os.access(p, os.W_OK | os.X_OK if p.is_dir() else os.W_OK)
+    return sorted(f"{p.relative_to(run_dir)}{'/' * p.is_dir()}" for p in paths if p.exists() and not writable(p))
+
+
 def _json_object(path: Path, text: str | None = None) -> dict:
     value = json.loads(path.read_text() if text is None else text)
     if not isinstance(value, dict):

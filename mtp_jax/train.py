@@ -27,8 +27,9 @@ from mtp_jax.capacity import check_training_fits
 from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data import pipeline
+from mtp_jax.data.build import CACHE_DIR
 from mtp_jax.data.tokenizer import build_tokenizer
-from mtp_jax.errors import EXIT_USER, full_disk_write_error
+from mtp_jax.errors import EXIT_USER, denied_error, full_disk_in
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.flops import model_flops_per_token, peak_flops
 from mtp_jax.hooks import pause_point
@@ -38,7 +39,7 @@ from mtp_jax.model import attention
 from mtp_jax.model.transformer import compute_dtype
 from mtp_jax.optim import schedule
 from mtp_jax.run import (RUN_FILES, StartUp, build, check_resume, foreign_entries, read_config, read_tokenizer,
-                         resolve_vocab, write_run_files)
+                         resolve_vocab, unwritable_entries, write_run_files)
 
 
 SETTLE_S = 3.0  # below interrupts.GRACE_S, after which the process is forced out
@@ -55,6 +56,7 @@ class Preemption:
     def __init__(self) -> None:
         self.requested = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        interrupts.STARTING.clear()  # from here SIGTERM saves a step instead of ending the start
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
@@ -114,6 +116,9 @@ def _open_run(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) 
     (vocab resolved), the tokenizer and the checkpoint's optim.lr (None if not resuming). A resume needs its
     tokenizer/; a run with no checkpoint starts afresh."""
     primary = distributed.is_primary()
+    denied = unwritable_entries(run_dir) if primary else []
+    if denied:
+        raise denied_error(run_dir, ", ".join(denied), left=" (nothing there was changed)")
     resuming = ckpt.latest_step() is not None
     if resuming and not (run_dir / "tokenizer").is_dir():
         raise ConfigError(f"{run_dir} has checkpoints but no tokenizer/ folder; restore it from a backup (a new "
@@ -170,12 +175,12 @@ def train(cfg: Config) -> dict:
             result = _train(cfg, run_dir, ckpt, startup)
             ckpt.close()  # the last async save's failure (full disk) surfaces here, inside the handlers below
             return result
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM before the first step (interrupts.Terminated)
         pause_point("interrupted")
         if primary:
             startup.undo()  # before the first step: as if never started
         ckpt.settle(SETTLE_S)  # Ctrl-C starts no save; one in flight commits within SETTLE_S or is abandoned
-        interrupts.exit_interrupted()
+        interrupts.exit_for(stop)
     except ConfigError as err:
         if ckpt.failed:  # a full disk mid-save: Orbax's failed threads must not be waited on or torn down
             interrupts.exit_now(str(err), EXIT_USER)
@@ -183,13 +188,8 @@ def train(cfg: Config) -> dict:
     except ValueError as err:  # not a UserError (handled above): TensorStore's read errors are ValueErrors
         damaged = _damaged_data(err, cfg.data.path)
         if damaged is None:
-            raise
+            raise  # a full disk (errors.guarded says it in one line naming the file), or a bug
         raise damaged from None
-    except OSError as err:  # a full disk writing config, metrics or evaluations (a checkpoint's is handled above)
-        full = full_disk_write_error(err, run_dir)
-        if full is None:
-            raise
-        raise full from None
     finally:
         if primary:
             startup.undo()  # a start that failed before its first step leaves RUN_DIR as it was (no-op after)
@@ -209,7 +209,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
         log(f"fine-tuning the parameters in {run_dir / 'checkpoints'} with a fresh optimizer")
     else:
         restored = ckpt.restore(fns.abstract_state)  # checks the checkpoint's shapes against this model
-    with _unreadable_data():
+    with _unreadable_data(), full_disk_in(run_dir / CACHE_DIR, "the data cache"):
         data_iter = pipeline.make_train_iterator(cfg, tokenizer, run_dir, pidx, pcount)
     if primary:
         write_run_files(run_dir, cfg)
@@ -249,6 +249,14 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
             guard.check_norm(step, float(fns.param_norm(state["params"])), ckpt.latest_step())
             ckpt.save(step, state, data_iter.get_state(), force=force)
 
+    def flush() -> None:
+        """Writes the pending step's metrics line once its divergence flags are checked."""
+        nonlocal pending
+        if pending is not None:
+            guard.check(pending[0], ckpt.latest_step())
+            _report(pending, writer, bar)
+            pending = None
+
     try:
         while step < tcfg.steps:
             batch = _global_batch(next(data_iter), fns.batch_sharding)
@@ -256,15 +264,12 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
             step += 1
             window_steps += 1
             guard.add(step, metrics["skipped"], metrics["loss"])
+            stopping = preemption.agreed(sync_now=step % tcfg.log_every == 0)
             if step == start + 1:  # keep compilation out of the throughput figures
                 jax.block_until_ready(metrics)
                 window_start, window_steps = time.perf_counter(), 0
-            # Pull the previous step's metrics only after dispatching this one: the device never waits on Python.
-            if pending is not None:
-                guard.check(pending[0], ckpt.latest_step())
-                _report(pending, writer, bar)
-                pending = None
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
+            flush()  # the previous step's, only after dispatching this one: the device never waits on Python
+            if step % tcfg.log_every == 0 or step == tcfg.steps or stopping:  # the SIGTERM step's line too
                 extra = {"lr": float(lr(step - 1))}
                 if window_steps:  # throughput of the steps since the last log (none right after compiling)
                     elapsed = time.perf_counter() - window_start
@@ -276,19 +281,19 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
                 window_start, window_steps = time.perf_counter(), 0
             save()
             pause_point("step", step)
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps and not stopping:
                 guard.check(step, ckpt.latest_step())
                 _evaluate(cfg, fns, state, tokenizer, run_dir, final=False)
                 _task_eval(cfg, built.mtp, state, tokenizer, run_dir, step)
-            if preemption.agreed(sync_now=step % tcfg.log_every == 0):
+            if stopping:
                 log(f"SIGTERM: saving step {step} and exiting")
+                flush()
                 save(force=True)
                 ckpt.wait()
                 return {"preempted_at": step}
-        if pending is not None:
-            guard.check(pending[0], ckpt.latest_step())
-            _report(pending, writer, bar)
+        flush()
         save(force=True)
+        ckpt.wait()  # a failed last save (full disk) stops here: eval.json never names a step that was not saved
         result = _evaluate(cfg, fns, state, tokenizer, run_dir, final=True)
         writer.write(step, {"loss": result["loss"], **{f"loss/head_{h['head']}": h["loss"] for h in result["heads"]}},
                      prefix="eval")

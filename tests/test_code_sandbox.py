@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mtp_jax.evals.code.sandbox import Limits, Sandbox, classify
+from mtp_jax.evals.code.sandbox import Limits, Sandbox, classify, own_cgroup
 
 QUICK = Limits(timeout_s=4.0, cpu_s=2)
 SECRET = "MTP-I9-SECRET-do-not-leak"
@@ -72,6 +72,9 @@ def test_classify_signals_and_timeouts():
     assert classify("", "", 128 + signal.SIGSEGV, False, "N").error_type == "signal SIGSEGV"
     assert classify("N\n", "", 0, True, "N").status == "timeout"
     assert classify("xN\n", "", 0, False, "N").status == "fail"  # the nonce must be a whole line
+    # the cgroup's out-of-memory kill is a SIGKILL, not the CPU limit's; an error even after the nonce
+    killed = classify("N\n", "", -signal.SIGKILL, False, "N", out_of_memory=True)
+    assert (killed.status, killed.error_type) == ("error", "out of memory")
 
 
 def test_infinite_loop_hits_the_cpu_limit(box):
@@ -227,3 +230,32 @@ def test_unprotected_level_still_limits_time_and_memory():
     with Sandbox(QUICK, workers=1, level="none") as sandbox:
         assert [sandbox.run(p).status for p in ("assert True", "while True: pass", "x = bytearray(100 * 2**30)")] == [
             "pass", "timeout", "error"]
+
+
+def test_own_cgroup_on_pure_and_hybrid_hierarchies():
+    """The cgroup v2 folder the sandbox creates program cgroups under, from the two /proc files it reads."""
+    pure = "sysfs /sys sysfs rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n"
+    hybrid = "cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+    assert own_cgroup(pure, "0::/user.slice/run.scope\n") == Path("/sys/fs/cgroup/user.slice/run.scope")
+    assert own_cgroup(hybrid, "4:memory:/job\n0::/\n") == Path("/sys/fs/cgroup/unified")
+    assert own_cgroup("cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n", "4:memory:/job\n") is None
+
+
+FORKS = """
+import subprocess, sys
+child = "data = b'x' * (100 << 20); import time; time.sleep(2)"
+children = [subprocess.Popen([sys.executable, "-c", child]) for _ in range(4)]
+assert [c.wait() for c in children] == [0] * 4
+"""
+
+
+def test_memory_bound_is_the_one_describe_names():
+    """Four children of 100 MiB each against a 256 MiB bound: over it as a whole program, under it per process.
+    With a cgroup ("program") the program is out of memory; without one ("process", as documented) it passes,
+    while one process over the bound fails either way."""
+    with Sandbox(Limits(timeout_s=60, cpu_s=20, memory_bytes=256 << 20), workers=1) as sandbox:
+        bound = sandbox.describe()["memory_bound"]
+        outcome = sandbox.run(FORKS)
+        alone = sandbox.run("data = b'x' * (300 << 20)")
+    assert (outcome.status, outcome.error_type) == (("error", "out of memory") if bound == "program" else ("pass", ""))
+    assert alone.status == "error", alone

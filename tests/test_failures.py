@@ -405,3 +405,32 @@ def test_a_sweep_trainer_dies_with_its_driver(tmp_path: Path) -> None:
         time.sleep(0.05)
     gone = not Path(f"/proc/{trainer}").exists() or Path(f"/proc/{trainer}/stat").read_text().split()[2] == "Z"
     assert gone, "the trainer outlived its driver"
+
+
+@pytest.mark.slow
+def test_eval_beside_a_live_trainer_reads_the_step_committed_meanwhile(tmp_path: Path) -> None:
+    """train.keep_checkpoints=1 and a save every step: mtp-eval lists step 3 and is held before reading it
+    (`pause_point("restore", 3)`) while the trainer goes on to step 6, rotating step 3 out. The reader then evaluates
+    step 6 instead of giving up (or advising to move a live run's directory away)."""
+    run_dir, held_trainer, held_reader = tmp_path / "run", tmp_path / "trainer", tmp_path / "reader"
+    trainer = mtp_train(run_dir, "train.steps=6", "train.checkpoint_every=1", "train.keep_checkpoints=1",
+                        "train.tensorboard=false", env_extra={"MTP_PAUSE_AT": "step:3", "MTP_PAUSE_FILE": str(held_trainer)})
+    deadline = time.time() + 300
+    while not (held_trainer.exists() and (run_dir / "checkpoints" / "3").is_dir()) and time.time() < deadline:
+        assert trainer.poll() is None, trainer.communicate()[1][-3000:]
+        time.sleep(0.1)
+    reader = subprocess.Popen([sys.executable, "-m", "mtp_jax.cli", "eval", str(run_dir), "--batches", "1"],
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", "MTP_PAUSE_AT": "restore:3",
+                                   "MTP_PAUSE_FILE": str(held_reader)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    while not held_reader.exists() and time.time() < deadline:
+        assert reader.poll() is None, reader.communicate()[1][-3000:]
+        time.sleep(0.1)
+    held_trainer.unlink()
+    code, _, err = finish(trainer)
+    assert code == 0 and checkpoint_steps(run_dir) == [6], err[-3000:]
+    held_reader.unlink()
+    code, out, err = finish(reader)
+    assert code == 0 and error_lines(err) == [], err[-3000:]
+    assert json.loads(out.splitlines()[-1])["step"] == 6
+    assert "a trainer committed step 6 meanwhile" in err and "move that directory away" not in err

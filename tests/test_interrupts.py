@@ -1,5 +1,5 @@
-"""Ctrl-C at start-up, mid-step and mid-save, reached deterministically through the pause hooks
-(mtp_jax/hooks.py): status 130, one line, no traceback or crash, no half-written checkpoint left."""
+"""Ctrl-C at start-up, mid-step and mid-save, and SIGTERM at start-up, reached deterministically through the pause
+hooks (mtp_jax/hooks.py): status 130 (143), one line, no traceback or crash, no half-written checkpoint left."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_train import ROOT, TINY, checkpoint_steps, finish, mtp_train
 
-from mtp_jax.errors import EXIT_INTERRUPTED
+from mtp_jax.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
 RUN = ["train.steps=6", "train.checkpoint_every=2", "train.tensorboard=false"]
@@ -88,3 +88,17 @@ def test_second_ctrl_c_forces_exit(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     wait_for(marker, proc)
     interrupted(proc)
+
+
+@pytest.mark.parametrize("where", ["startup", "prepare_part:0"])  # after the lock; inside the data cache's build
+def test_sigterm_before_the_first_step_says_so_and_changes_nothing(where: str, tmp_path: Path) -> None:
+    """A scheduler's SIGTERM while the trainer starts up: one line, status 143, the (empty) run directory as it was."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = paused_trainer(run_dir, where, tmp_path / "at")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_TERMINATED, err[-3000:]
+    assert err.strip() == ("error: terminated (SIGTERM) before the first step, so nothing was saved; rerun the same "
+                           "command to start or resume")
+    assert list(run_dir.iterdir()) == []

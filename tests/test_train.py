@@ -91,18 +91,23 @@ def test_kill_9_then_resume_is_bitwise_identical(reference: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_zero(tmp_path: Path) -> None:
-    run_dir = tmp_path / "preempted"
-    proc = mtp_train(run_dir, "train.steps=100000", "train.checkpoint_every=100000")
+def test_sigterm_saves_its_step_with_its_metrics_line_and_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM while the trainer pauses after step 3 (`pause_point("step", 3)`): it stops at its next check (step 3
+    or 4, neither a log step nor a save step), saves that step and writes its metrics line."""
+    run_dir, marker = tmp_path / "preempted", tmp_path / "paused"
+    proc = mtp_train(run_dir, "train.steps=100000", "train.checkpoint_every=100000", "train.log_every=5",
+                     env_extra={"MTP_PAUSE_AT": "step:3", "MTP_PAUSE_FILE": str(marker)})
     deadline = time.time() + 240
-    while time.time() < deadline and len(losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}) < 3:
+    while time.time() < deadline and not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
+    marker.unlink()  # pause_point goes on; the flag is read at the next step
     code, _, err = finish(proc)
     assert code == 0, err[-3000:]
-    assert "SIGTERM: saving step" in err
-    saved = checkpoint_steps(run_dir)
-    assert saved and saved[-1] >= 3
+    [line] = [line for line in err.splitlines() if line.startswith("SIGTERM: saving step ")]
+    step = int(line.split()[3])
+    assert step in (3, 4) and checkpoint_steps(run_dir) == [step] and sorted(losses(run_dir)) == [step]
 
 
 @pytest.mark.parametrize(

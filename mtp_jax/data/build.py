@@ -279,9 +279,13 @@ def _build_cache(data_cfg: DataConfig, tokenizer: Tokenizer, folder: Path) -> No
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    plan = create(tmp, data_cfg, tokenizer, parts, sources.PART_BYTES)
-    write_parts(tmp, data_cfg, parts, plan, tokenizer, (0, 1), workers=0, progress=False)
-    merge(tmp, plan, data_cfg)
+    try:
+        plan = create(tmp, data_cfg, tokenizer, parts, sources.PART_BYTES)
+        write_parts(tmp, data_cfg, parts, plan, tokenizer, (0, 1), workers=0, progress=False)
+        merge(tmp, plan, data_cfg)
+    except BaseException:  # a full disk, Ctrl-C: nothing half-built stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, folder)
     except OSError:  # another process finished first: same tokens

@@ -10,13 +10,14 @@ continues with `--resume`, redoing only the part it was writing.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from mtp_jax.config import Config, load_config
 from mtp_jax.data import build, sources, store
 from mtp_jax.data.tokenizer import load_tokenizer, make_tokenizer
-from mtp_jax.errors import ArgParser, UserError, guarded
+from mtp_jax.errors import ArgParser, UserError, full_disk_in, guarded
 
 
 def parse_shard(value: str) -> tuple[int, int]:
@@ -29,9 +30,16 @@ def parse_shard(value: str) -> tuple[int, int]:
     return index, count
 
 
-def _start(cfg: Config, out: Path, part_bytes: int) -> dict:
-    """A new preparation in an empty OUT_DIR: tokenizer and plan."""
-    if out.exists() and any(out.iterdir()):
+def _start(cfg: Config, out: Path, part_bytes: int, resume: bool) -> dict:
+    """A new preparation in an empty OUT_DIR: tokenizer and plan. With `resume`, a start cut before its plan was
+    written (OUT_DIR holds tokenizer/ alone, which no part was encoded with yet) starts again."""
+    found = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if resume and found == ["tokenizer"]:
+        shutil.rmtree(out / "tokenizer")
+    elif found and resume:
+        raise UserError(f"OUT_DIR '{out}' holds {', '.join(found)} but no {build.PLAN_FILE}, so no preparation was "
+                        "started there to resume; choose an empty folder")
+    elif found:
         raise UserError(f"OUT_DIR '{out}' is not empty; choose an empty folder (or pass --resume to continue "
                         "a preparation there)")
     parts = sources.parts(cfg.data, part_bytes)
@@ -69,7 +77,7 @@ def prepare(config_path: str | None, out_dir: str, overrides: list[str] | tuple[
         if merge_only or shard[1] > 1:
             raise UserError(f"'{out}' holds no started preparation; run `mtp-prepare CONFIG {out} --tokenizer-only` "
                             "first (or prepare on one machine without --shard/--merge)")
-        plan = _start(cfg, out, part_bytes)
+        plan = _start(cfg, out, part_bytes, resume)
     elif tokenizer_only:
         raise UserError(f"'{out}' already has its tokenizer; go on with --shard I/N")
     else:
@@ -105,16 +113,19 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.workers < 0 or args.part_bytes <= 0:
         raise UserError(f"--workers={args.workers} --part-bytes={args.part_bytes}: use workers >= 0, part bytes > 0")
-    result = prepare(args.config, args.out_dir, args.overrides, workers=args.workers, shard=parse_shard(args.shard),
-                     resume=args.resume, tokenizer_only=args.tokenizer_only, merge_only=args.merge,
-                     part_bytes=args.part_bytes, progress=sys.stderr.isatty())
+    shard = parse_shard(args.shard)
+    rerun = "choose another OUT_DIR; then rerun with --resume, which keeps the finished parts"
+    with full_disk_in(args.out_dir, "the prepared data", rerun):  # an unfinished part is redone, never passed off
+        result = prepare(args.config, args.out_dir, args.overrides, workers=args.workers, shard=shard,
+                         resume=args.resume, tokenizer_only=args.tokenizer_only, merge_only=args.merge,
+                         part_bytes=args.part_bytes, progress=sys.stderr.isatty())
     if "totals" not in result:
         print(f"{args.out_dir}: {result['parts']} parts planned ({result['tokenizer']}); next: "
               + ("--shard I/N on each machine" if args.tokenizer_only else "--merge once every shard is done"))
         return 0
     totals = result["totals"]
     print(f"prepared {args.out_dir}: " + ", ".join(
-        f"{s} {totals[s]['documents']} documents / {totals[s]['tokens']} tokens" for s in store.SPLITS)
+        f"{s} {totals[s]['documents']} documents / {totals[s]['tokens']} tokens" for s in sources.SPLITS)
         + f" ({result['tokenizer']}); train with data.source=prepared data.path={args.out_dir}")
     return 0
 

@@ -37,7 +37,6 @@ from typing import Any, Iterator
 import numpy as np
 import tensorstore as ts
 
-from mtp_jax.data.sources import SPLITS
 from mtp_jax.errors import UserError
 
 MANIFEST_FILE = "data_manifest.json"

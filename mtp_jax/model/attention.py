@@ -59,7 +59,7 @@ def resolve(name: str, seq_len: int, dtype: jnp.dtype, platform: str | None = No
     if name == "splash" and platform != "tpu":
         raise ConfigError(f"model.attention='splash' needs a TPU but this host runs {platform}; use auto, blockwise or xla")
     if name == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-        raise ConfigError(f"model.attention='cudnn' runs in bfloat16/float16 only; set model.dtype=bfloat16 or use auto")
+        raise ConfigError("model.attention='cudnn' runs in bfloat16/float16 only; set model.dtype=bfloat16 or use auto")
     if name not in IMPLEMENTATIONS:
         raise ConfigError(f"model.attention={name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     return name

@@ -4,11 +4,12 @@ Run by `sandbox.py` as `python -I -S -B _boot.py SPEC_JSON`, standard library on
 harness's user; when the harness is root and namespaces are on, it runs as pid 1 of fresh pid,
 network, mount, IPC and UTS namespaces made by util-linux `unshare`. In order it:
 
-1. (namespaces) mounts private tmpfs over /tmp and read-only empty tmpfs over the other
+1. (cgroup v2) moves itself into the program's cgroup, which bounds the whole process tree;
+2. (namespaces) mounts private tmpfs over /tmp and read-only empty tmpfs over the other
    world-writable directories, copies the program to /tmp/program.py and makes /tmp/work;
-2. sets the resource limits (CPU time, address space, processes, file size, open files, core);
-3. (root) sets no_new_privs and drops to the slot's unprivileged uid/gid with no groups;
-4. closes the status pipe on exec (close-on-exec) and execs the interpreter on the program
+3. sets the resource limits (CPU time, address space, processes, file size, open files, core);
+4. (root) sets no_new_privs and drops to the slot's unprivileged uid/gid with no groups;
+5. closes the status pipe on exec (close-on-exec) and execs the interpreter on the program
    (isolated mode, unbuffered, so output order is what the program wrote).
 
 Anything that fails before the exec is written to the status pipe, so the harness can tell a
@@ -109,6 +110,9 @@ def main():
     spec = json.loads(sys.argv[1])
     status_fd = spec["status_fd"]
     try:
+        if spec["cgroup"]:  # first: every process the program starts is born inside it
+            with open(os.path.join(spec["cgroup"], "cgroup.procs"), "w") as procs:
+                procs.write("0")  # 0: the writing process, whatever its pid in a new pid namespace
         libc = ctypes.CDLL(None, use_errno=True)
         if spec["namespaces"]:
             program, work = build_cage(spec, libc)

@@ -3,7 +3,18 @@
 Every program gets its own process, its own empty working directory, a wall-clock timeout and
 a CPU-time limit, an address-space limit, a process/thread limit, a file-size limit, a clean
 environment (PATH, LANG, HOME, TMPDIR, PYTHONHASHSEED only), stdin from /dev/null, and its own
-session, killed as a whole when it ends or times out. On top of that, by isolation level:
+session, killed as a whole when it ends or times out.
+
+Memory: where this process may create cgroup v2 cgroups with the memory and pids controllers (the
+host's root cgroup as root, or a delegated subtree, e.g. `systemd-run --scope -p Delegate=yes`),
+each program runs in its own cgroup: all its processes together get `Limits.memory_bytes` of RAM
+(memory.max, no swap; going over is an "out of memory" error) and `Limits.processes` tasks
+(pids.max). Elsewhere (cgroup v1 hosts, undelegated cgroups) only the per-process limits hold:
+each process `memory_bytes` of address space, and at most `processes` processes and threads (the
+slot's uid), so a program that forks can hold up to processes x memory_bytes in all (64 GiB with
+the defaults). `describe()["memory_bound"]` records which bound held ("program" or "process").
+
+On top of that, by isolation level:
 
 - "namespaces" (running as root, `unshare` works; CI and this machine): fresh pid, network,
   mount, IPC and UTS namespaces; a private tmpfs /tmp (the working directory is /tmp/work) and
@@ -28,6 +39,7 @@ from a program written to cheat. It is no defence against kernel exploits either
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +51,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -59,7 +72,7 @@ class SandboxError(RuntimeError):
 class Limits:
     timeout_s: float = 30.0  # wall clock, from start to exit (generous: a loaded machine stretches it)
     cpu_s: int = 10
-    memory_bytes: int = 2 << 30  # address space
+    memory_bytes: int = 2 << 30  # the whole program's RAM with a cgroup, else each process's address space
     processes: int = 32  # processes and threads of the slot's uid (uid levels only)
     file_bytes: int = 16 << 20  # any one file, stdout and stderr included
     open_files: int = 64
@@ -74,10 +87,14 @@ class Outcome:
     stderr: str
 
 
-def classify(stdout: str, stderr: str, returncode: int, timed_out: bool, nonce: str) -> Outcome:
-    """pass / fail / timeout / error from what a finished program left."""
+def classify(stdout: str, stderr: str, returncode: int, timed_out: bool, nonce: str,
+             out_of_memory: bool = False) -> Outcome:
+    """pass / fail / timeout / error from what a finished program left; `out_of_memory`: its cgroup killed one of its
+    processes for going over the program's memory (an error, even after a pass: the bound is part of the task)."""
     if returncode > 128:  # the namespace's first process reports a signal N as 128 + N (_boot.py)
         returncode = 128 - returncode
+    if out_of_memory:
+        return Outcome("error", "out of memory", stdout, stderr)
     if timed_out or returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         return Outcome("timeout", "timeout", stdout, stderr)
     if nonce in stdout.splitlines():
@@ -120,6 +137,7 @@ class Sandbox:
         pythons = [python] if python else list(dict.fromkeys(
             p for p in (sys.executable, getattr(sys, "_base_executable", None), shutil.which("python3", path="/usr/bin:/bin"))
             if p))
+        self.cgroups = cgroup_parent()  # None: the memory bound holds per process only
         self.level, self.python, self.python_version = self._probe(levels, pythons)
 
     def _probe(self, levels: list[Level], pythons: list[str]) -> tuple[Level, str, str]:
@@ -173,7 +191,7 @@ class Sandbox:
         spec = dict(program=str(program), work=str(work), python=self.python, uid=uid, namespaces=self.level == "namespaces",
                     drop_privileges=root and self.level != "none", cpu_s=lim.cpu_s, memory_bytes=lim.memory_bytes,
                     processes=lim.processes, file_bytes=lim.file_bytes, open_files=lim.open_files,
-                    tmpfs_bytes=lim.tmpfs_bytes)
+                    tmpfs_bytes=lim.tmpfs_bytes, cgroup=str(box_cgroup(self.cgroups, lim)) if self.cgroups else "")
         status_r, status_w = os.pipe()
         spec["status_fd"] = status_w
         prefix = ["unshare", *UNSHARE, "--"] if self.level == "namespaces" else []
@@ -194,9 +212,11 @@ class Sandbox:
             boot_error = _read_all(status_r)
         finally:
             os.close(status_r)
+            out_of_memory = bool(spec["cgroup"]) and close_cgroup(Path(spec["cgroup"]))
         if boot_error:
             raise SandboxError(boot_error)
-        outcome = classify(_read(box / "stdout"), _read(box / "stderr"), proc.returncode, timed_out, nonce)
+        outcome = classify(_read(box / "stdout"), _read(box / "stderr"), proc.returncode, timed_out, nonce,
+                           out_of_memory)
         return dataclasses.replace(outcome, stdout=outcome.stdout[-KEEP_BYTES:], stderr=outcome.stderr[-KEEP_BYTES:])
 
     def _kill(self, proc: subprocess.Popen, uid: int | None) -> None:
@@ -237,7 +257,68 @@ class Sandbox:
     def describe(self) -> dict:
         """What the results were measured under (stored with every evaluation)."""
         return {"level": self.level, "python": self.python, "python_version": self.python_version,
-                "workers": self.workers, **dataclasses.asdict(self.limits)}
+                "workers": self.workers, "memory_bound": "program" if self.cgroups else "process",
+                **dataclasses.asdict(self.limits)}
+
+
+TREE_CONTROLLERS = {"memory", "pids"}
+
+
+def own_cgroup(mounts: str, membership: str) -> Path | None:
+    """This process's cgroup v2 folder, from /proc/self/mounts and /proc/self/cgroup ("0::/path"); None without one."""
+    root = next((Path(f[1]) for f in map(str.split, mounts.splitlines()) if len(f) > 2 and f[2] == "cgroup2"), None)
+    path = next((line[3:] for line in membership.splitlines() if line.startswith("0::")), None)
+    return None if root is None or path is None else root / path.lstrip("/")
+
+
+def cgroup_parent() -> Path | None:
+    """A cgroup v2 folder where each program can get a cgroup bounding its whole process tree, or None. Enables the
+    memory and pids controllers for its children if needed; a process alone in its cgroup first moves into a leaf
+    below it, as the owner of a delegated cgroup does (a cgroup with processes cannot pass controllers on)."""
+    try:
+        folder = own_cgroup(Path("/proc/self/mounts").read_text(), Path("/proc/self/cgroup").read_text())
+        if folder is None or not TREE_CONTROLLERS <= set((folder / "cgroup.controllers").read_text().split()):
+            return None
+        control = folder / "cgroup.subtree_control"
+        if not TREE_CONTROLLERS <= set(control.read_text().split()):
+            if (folder / "cgroup.procs").read_text().split() == [str(os.getpid())]:
+                (folder / "mtp-harness").mkdir(exist_ok=True)
+                (folder / "mtp-harness" / "cgroup.procs").write_text(str(os.getpid()))
+            control.write_text(" ".join(f"+{c}" for c in sorted(TREE_CONTROLLERS)))
+        box_cgroup(folder, Limits()).rmdir()  # creating one is what the sandbox needs
+    except OSError:
+        return None
+    return folder
+
+
+def box_cgroup(parent: Path, limits: Limits) -> Path:
+    """A fresh cgroup for one program: its processes together get limits.memory_bytes of RAM and no swap, and
+    limits.processes tasks. `_boot.py` moves the program's first process into it."""
+    folder = parent / f"mtp-sandbox-{secrets.token_hex(8)}"
+    folder.mkdir()
+    for name, value in (("memory.max", limits.memory_bytes), ("memory.swap.max", 0), ("pids.max", limits.processes)):
+        if (folder / name).exists():  # memory.swap.max is absent without swap accounting
+            (folder / name).write_text(str(value))
+    return folder
+
+
+def close_cgroup(folder: Path) -> bool:
+    """Kills whatever of the program is left in its cgroup, removes the cgroup; True if it went over its memory."""
+    killer = folder / "cgroup.kill"  # Linux 5.14+; before that, each process one by one
+    for _ in range(100):
+        procs = (folder / "cgroup.procs").read_text().split()
+        if not procs:
+            break
+        if killer.exists():
+            killer.write_text("1")
+        else:
+            for pid in procs:
+                _signal(os.kill, int(pid))
+        time.sleep(0.05)
+    events = dict(line.split() for line in (folder / "memory.events").read_text().splitlines())
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return int(events.get("oom_kill", 0)) > 0
 
 
 def _children(pid: int) -> list[int]:
