@@ -27,7 +27,7 @@ from mtp_jax.capacity import check_training_fits
 from mtp_jax.checkpoint import Checkpointer, quiet_save_failures
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data import pipeline
-from mtp_jax.data.build import CACHE_DIR
+from mtp_jax.data.build import CACHE_DIR, dataset_folder
 from mtp_jax.data.tokenizer import build_tokenizer
 from mtp_jax.errors import EXIT_USER, denied_error, full_disk_in
 from mtp_jax.evals.heldout import heldout_report
@@ -72,13 +72,13 @@ class Preemption:
 
 
 def _tokenizer(cfg: Config, run_dir: Path):
-    """The primary process builds (or trains) the tokenizer; the others load what it saved."""
-    if distributed.is_primary():
-        tokenizer = build_tokenizer(cfg.data, run_dir)
-    if jax.process_count() > 1:
+    """The primary process builds (or trains) the tokenizer; the others wait for it, then load what it saved."""
+    primary, several = distributed.is_primary(), jax.process_count() > 1
+    if several and not primary:
         multihost_utils.sync_global_devices("tokenizer")
-    if jax.process_index() != 0:
-        tokenizer = build_tokenizer(cfg.data, run_dir)
+    tokenizer = build_tokenizer(cfg.data, run_dir)
+    if several and primary:
+        multihost_utils.sync_global_devices("tokenizer")
     return tokenizer
 
 
@@ -210,7 +210,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
     else:
         restored = ckpt.restore(fns.abstract_state)  # checks the checkpoint's shapes against this model
     with _unreadable_data(), full_disk_in(run_dir / CACHE_DIR, "the data cache"):
-        data_iter = pipeline.make_train_iterator(cfg, tokenizer, run_dir, pidx, pcount)
+        data_dir = dataset_folder(cfg, tokenizer, run_dir)  # the one store every batch and evaluation reads
+        data_iter = pipeline.make_train_iterator(cfg, tokenizer, data_dir, pidx, pcount)
     if primary:
         write_run_files(run_dir, cfg)
     replicated = sharding.unsharded_fraction(fns.state_shardings["params"], built.mtp.abstract_params())
@@ -283,7 +284,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
             pause_point("step", step)
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps and not stopping:
                 guard.check(step, ckpt.latest_step())
-                _evaluate(cfg, fns, state, tokenizer, run_dir, final=False)
+                _evaluate(cfg, fns, state, tokenizer, data_dir, run_dir, final=False)
                 _task_eval(cfg, built.mtp, state, tokenizer, run_dir, step)
             if stopping:
                 log(f"SIGTERM: saving step {step} and exiting")
@@ -294,7 +295,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: Checkpointer, startup: StartUp) -> 
         flush()
         save(force=True)
         ckpt.wait()  # a failed last save (full disk) stops here: eval.json never names a step that was not saved
-        result = _evaluate(cfg, fns, state, tokenizer, run_dir, final=True)
+        result = _evaluate(cfg, fns, state, tokenizer, data_dir, run_dir, final=True)
         writer.write(step, {"loss": result["loss"], **{f"loss/head_{h['head']}": h["loss"] for h in result["heads"]}},
                      prefix="eval")
         _task_eval(cfg, built.mtp, state, tokenizer, run_dir, step)
@@ -342,14 +343,16 @@ def _task_eval(cfg: Config, mtp: Any, state: dict, tokenizer: Any, run_dir: Path
                                                               if "/m_" not in k))
 
 
-def _evaluate(cfg: Config, fns: Any, state: dict, tokenizer: Any, run_dir: Path, final: bool) -> dict:
-    """Held-out evaluation into evals/heldout/step_N.json (every train.eval_every steps, and at the end)."""
+def _evaluate(cfg: Config, fns: Any, state: dict, tokenizer: Any, data_dir: Path, run_dir: Path, final: bool) -> dict:
+    """Held-out evaluation of the store in `data_dir` into evals/heldout/step_N.json (every train.eval_every
+    steps, and at the end)."""
     place = lambda b: _global_batch(b, fns.batch_sharding)
     process = (jax.process_index(), jax.process_count())
     step = int(jax.device_get(state["step"]))
-    result = heldout_report(cfg, fns.eval_step, state["params"], tokenizer, run_dir, step, final, place, process)
+    result = heldout_report(cfg, fns.eval_step, state["params"], tokenizer, data_dir, run_dir, step, final, place,
+                            process)
     if final and process == (0, 1):  # a sample under the table; one process holds every parameter
         from mtp_jax.decode.prompts import print_sample_completion
 
-        print_sample_completion(cfg, tokenizer, run_dir, jax.device_get(state["params"]))
+        print_sample_completion(cfg, tokenizer, data_dir, jax.device_get(state["params"]))
     return result

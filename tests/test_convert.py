@@ -188,6 +188,7 @@ def test_side_file_missing_a_head_tensor_is_named(tmp_path, capsys):
 def test_mtp_train_fine_tunes_a_converted_run(tmp_path):
     """mtp-train on a converted run starts from its weights (fresh optimizer) and checkpoints on."""
     from mtp_jax.config import load_config
+    from mtp_jax.data.build import dataset_folder
     from mtp_jax.data.pipeline import split_windows
     from mtp_jax.train import train
 
@@ -205,7 +206,7 @@ def test_mtp_train_fine_tunes_a_converted_run(tmp_path):
     assert max(float(np.abs(after[k] - before[k]).max()) for k in before) < 1e-3  # lr 1e-5 x 4 steps
     assert any(not np.array_equal(after[k], before[k]) for k in before)
     # Its documents are packed Llama's way: <s> opens each (right after the previous </s>) and starts its segment.
-    windows = split_windows(cfg, tokenizer, run, "train")
+    windows = split_windows(cfg, tokenizer, dataset_folder(cfg, tokenizer, run), "train")
     rows = windows.rows(np.arange(len(windows)))
     tokens, segments = rows["tokens"], rows["segment_ids"]
     opens = (tokens[:, 1:] == tokenizer.bos_id) & (segments[:, 1:] > 0)

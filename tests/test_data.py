@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mtp_jax.config import ConfigError, load_config
-from mtp_jax.data import build, pipeline, prepare, sources
+from mtp_jax.data import build, pipeline, prepare, sources, store
 from mtp_jax.data.tokenizer import ByteTokenizer, build_tokenizer, load_tokenizer, train_bpe
 from mtp_jax.loss import mask_for_head
 
@@ -43,7 +43,7 @@ def corpus(tmp_path: Path) -> list[str]:
 
 
 def all_rows(cfg, tokenizer, run_dir, split):
-    windows = pipeline.split_windows(cfg, tokenizer, run_dir, split)
+    windows = pipeline.split_windows(cfg, tokenizer, build.dataset_folder(cfg, tokenizer, run_dir), split)
     return windows.rows(np.arange(len(windows)))
 
 
@@ -119,28 +119,30 @@ def test_packing_invariants_and_masks(tmp_path: Path, corpus: list[str]):
 
 def test_global_batch_does_not_depend_on_process_count(tmp_path: Path, corpus: list[str]):
     cfg, tok = config(tmp_path), ByteTokenizer()
-    single = pipeline.make_train_iterator(cfg, tok, tmp_path / "run")
-    halves = [pipeline.make_train_iterator(cfg, tok, tmp_path / "run", p, 2) for p in range(2)]
+    data = build.dataset_folder(cfg, tok, tmp_path / "run")
+    single = pipeline.make_train_iterator(cfg, tok, data)
+    halves = [pipeline.make_train_iterator(cfg, tok, data, p, 2) for p in range(2)]
     for _ in range(6):
         whole, parts = next(single), [next(h) for h in halves]
         assert whole["tokens"].shape == (B, T + N) and parts[0]["tokens"].shape == (B // 2, T + N)
         for key in ("tokens", "segment_ids"):
             np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
     with pytest.raises(ConfigError, match="batch_size=4 is not divisible"):
-        pipeline.make_train_iterator(cfg, tok, tmp_path / "run", 0, 3)
+        pipeline.make_train_iterator(cfg, tok, data, 0, 3)
 
 
 def test_resume_yields_exactly_the_uninterrupted_batches(tmp_path: Path, corpus: list[str]):
     cfg, tok = config(tmp_path, "data.shuffle_seed=7"), ByteTokenizer()
-    it = pipeline.make_train_iterator(cfg, tok, tmp_path / "run")
-    epoch = len(pipeline.split_windows(cfg, tok, tmp_path / "run", "train"))
+    data = build.dataset_folder(cfg, tok, tmp_path / "run")
+    it = pipeline.make_train_iterator(cfg, tok, data)
+    epoch = len(pipeline.split_windows(cfg, tok, data, "train"))
     steps = 2 * epoch // B + 2  # crosses epoch boundaries
     saved, reference = None, []
     for step in range(steps):
         reference.append(next(it))
         if step == 2:
             saved = json.loads(json.dumps(it.get_state()))
-    resumed = pipeline.make_train_iterator(cfg, tok, tmp_path / "run")
+    resumed = pipeline.make_train_iterator(cfg, tok, data)
     resumed.set_state(saved)
     for want in reference[3:]:
         got = next(resumed)
@@ -152,9 +154,10 @@ def test_resume_yields_exactly_the_uninterrupted_batches(tmp_path: Path, corpus:
 
 def test_grain_workers_give_the_same_batches(tmp_path: Path, corpus: list[str]):
     cfg, tok = config(tmp_path), ByteTokenizer()
-    reference = pipeline.make_train_iterator(cfg, tok, tmp_path / "run")
+    data = build.dataset_folder(cfg, tok, tmp_path / "run")
+    reference = pipeline.make_train_iterator(cfg, tok, data)
     want = [next(reference) for _ in range(4)]
-    workers = pipeline.make_train_iterator(config(tmp_path, "data.worker_count=1"), tok, tmp_path / "run")
+    workers = pipeline.make_train_iterator(config(tmp_path, "data.worker_count=1"), tok, data)
     workers.set_state({"step": 2})  # a state saved in-process resumes with workers
     try:
         for expected in want[2:]:
@@ -167,19 +170,20 @@ def test_eval_batches_are_fixed_padded_and_need_a_val_split(tmp_path: Path, corp
     cfg, tok = config(tmp_path), ByteTokenizer()
     windows = all_rows(cfg, tok, tmp_path / "run", "val")["tokens"]
     assert len(windows) >= 2 * B, "the fixture corpus should give at least two full val batches"
-    batches = pipeline.make_eval_batches(cfg, tok, tmp_path / "run", 2)
+    data = build.dataset_folder(cfg, tok, tmp_path / "run")
+    batches = pipeline.make_eval_batches(cfg, tok, data, 2)
     np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in batches]), windows[: 2 * B])
-    halves = [pipeline.make_eval_batches(cfg, tok, tmp_path / "run", 2, p, 2) for p in range(2)]
+    halves = [pipeline.make_eval_batches(cfg, tok, data, 2, p, 2) for p in range(2)]
     np.testing.assert_array_equal(np.concatenate([h[1]["tokens"] for h in halves]), batches[1]["tokens"])
-    assert len(pipeline.make_eval_batches(cfg, tok, tmp_path / "run", 1000)) == len(windows) // B
+    assert len(pipeline.make_eval_batches(cfg, tok, data, 1000)) == len(windows) // B
     wide = config(tmp_path, "train.batch_size=64")
-    (padded,) = pipeline.make_eval_batches(wide, tok, tmp_path / "run", 3)
+    (padded,) = pipeline.make_eval_batches(wide, tok, data, 3)
     assert padded["tokens"].shape == (64, T + N) and (padded["segment_ids"][len(windows):] == 0).all()
     (tmp_path / "single").mkdir()
     (tmp_path / "single" / "a.txt").write_text("only one document")
     lone = config(tmp_path, f"data.path={tmp_path / 'single'}", "data.val_fraction=0.01")
     with pytest.raises(ConfigError, match="val split is empty.*raise data.val_fraction"):
-        pipeline.make_eval_batches(lone, tok, tmp_path / "run_lone", 1)
+        build.dataset_folder(lone, tok, tmp_path / "run_lone")
 
 
 def test_jsonl_source_and_bad_lines(tmp_path: Path):
@@ -207,7 +211,7 @@ def test_missing_or_empty_paths_are_config_errors(tmp_path: Path, path: str, mes
 def test_invalid_utf8_is_counted_and_reported(tmp_path: Path, corpus: list[str], capsys):
     (tmp_path / "corpus" / "binary.txt").write_bytes(b"abc\xff\xfe def")
     cfg, tok = config(tmp_path), ByteTokenizer()
-    assert pipeline.corpus_stats(cfg, tok, tmp_path / "run")["invalid_utf8"] == 1
+    assert store.corpus_stats(build.dataset_folder(cfg, tok, tmp_path / "run"), tok.vocab_size)["invalid_utf8"] == 1
     assert "warning: 1 of 31 documents were not valid UTF-8; decoded with replacement" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "run" / "data_manifest.json").read_text())
     assert len(manifest["documents"]) == 31 and manifest["totals"]["val"]["tokens"] > 0
@@ -241,9 +245,11 @@ def test_prepared_data_matches_direct_files_source(tmp_path: Path, corpus: list[
         got = all_rows(prepared, tok, tmp_path / "run_prep", split)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
-    first = next(pipeline.make_train_iterator(prepared, tok, tmp_path / "run_prep"))
-    np.testing.assert_array_equal(first["tokens"], next(pipeline.make_train_iterator(direct, tok, tmp_path / "run_files"))["tokens"])
-    assert pipeline.corpus_stats(prepared, tok, tmp_path / "run_prep") == pipeline.corpus_stats(direct, tok, tmp_path / "run_files")
+    prepared_data = build.dataset_folder(prepared, tok, tmp_path / "run_prep")
+    direct_data = build.dataset_folder(direct, tok, tmp_path / "run_files")
+    first = next(pipeline.make_train_iterator(prepared, tok, prepared_data))
+    np.testing.assert_array_equal(first["tokens"], next(pipeline.make_train_iterator(direct, tok, direct_data))["tokens"])
+    assert store.corpus_stats(prepared_data, tok.vocab_size) == store.corpus_stats(direct_data, tok.vocab_size)
     assert not (tmp_path / "run_prep" / build.CACHE_DIR).exists(), "a run on prepared data holds no copy of it"
     with pytest.raises(SystemExit) as exited:
         prepare.main([str(yaml), str(out)])
@@ -263,7 +269,7 @@ def test_run_dir_tokenizer_must_match_config(tmp_path: Path, corpus: list[str]):
 
 def test_unigram_baseline_is_finite_and_beats_uniform(tmp_path: Path, corpus: list[str]):
     cfg, tok = config(tmp_path), ByteTokenizer()
-    stats = pipeline.corpus_stats(cfg, tok, tmp_path / "run")
+    stats = store.corpus_stats(build.dataset_folder(cfg, tok, tmp_path / "run"), tok.vocab_size)
     baseline = stats["unigram_baseline"]
     assert math.isfinite(baseline) and 0 < baseline < math.log(tok.vocab_size)
     assert 0.9 < stats["val_bytes_per_token"] < 1.0  # bytes plus one EOT per document

@@ -43,7 +43,7 @@ def prepared_cfg(yaml: Path, out: Path):
 
 def rows(cfg, run_dir: Path, split: str) -> dict:
     tok = build_tokenizer(cfg.data, run_dir)
-    windows = pipeline.split_windows(cfg, tok, run_dir, split)
+    windows = pipeline.split_windows(cfg, tok, build.dataset_folder(cfg, tok, run_dir), split)
     return windows.rows(np.arange(len(windows) + 2))  # two ids past the end: padding rows
 
 
@@ -158,6 +158,6 @@ def test_bad_inputs_are_one_line(tmp_path: Path, corpus: Path, capsys):
     cfg = prepared_cfg(yaml, out)
     tok = build_tokenizer(cfg.data, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"was prepared with tokenizer bpe-300 \(\w+\) but .*run/tokenizer is bpe-300"):
-        pipeline.split_windows(cfg, tok, tmp_path / "run", "train")
+        build.dataset_folder(cfg, tok, tmp_path / "run")
     with pytest.raises(ConfigError, match="holds no data_manifest.json.*mtp-prepare"):
-        pipeline.split_windows(prepared_cfg(yaml, tmp_path / "busy"), tok, tmp_path / "run2", "train")
+        build.dataset_folder(prepared_cfg(yaml, tmp_path / "busy"), tok, tmp_path / "run2")

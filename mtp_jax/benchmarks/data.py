@@ -29,12 +29,13 @@ from mtp_jax.errors import ArgParser, guarded
 STARTUP = """
 import json, resource, sys, time
 from mtp_jax.config import load_config
-from mtp_jax.data import pipeline
+from mtp_jax.data import build, pipeline
 from mtp_jax.data.tokenizer import build_tokenizer
 cfg = load_config(None, sys.argv[1:])
 start = time.perf_counter()
 tokenizer = build_tokenizer(cfg.data, cfg.train.run_dir)
-batch = next(pipeline.make_train_iterator(cfg, tokenizer, cfg.train.run_dir))
+folder = build.dataset_folder(cfg, tokenizer, cfg.train.run_dir)
+batch = next(pipeline.make_train_iterator(cfg, tokenizer, folder))
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -42,11 +43,11 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource
 LOADER = """
 import json, sys, time
 from mtp_jax.config import load_config
-from mtp_jax.data import pipeline
+from mtp_jax.data import build, pipeline
 from mtp_jax.data.tokenizer import build_tokenizer
 batches, cfg = int(sys.argv[1]), load_config(None, sys.argv[2:])
 tokenizer = build_tokenizer(cfg.data, cfg.train.run_dir)
-it = pipeline.make_train_iterator(cfg, tokenizer, cfg.train.run_dir)
+it = pipeline.make_train_iterator(cfg, tokenizer, build.dataset_folder(cfg, tokenizer, cfg.train.run_dir))
 next(it)  # start-up and worker spawn excluded
 start = time.perf_counter()
 tokens = sum(next(it)["tokens"].size for _ in range(batches))

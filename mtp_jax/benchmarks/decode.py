@@ -59,7 +59,9 @@ LARGE = {"59M": (4, dict(d_model=512, attn_heads=8, vocab_size=32768)),
 def held_out_prompts(cfg: Any, tokenizer: Any, run_dir: Path, prompt_len: int, count: int) -> tuple[np.ndarray, str]:
     """(count, prompt_len) ids: the starts of held-out documents, and 'val' (or 'random')."""
     try:
-        return document_starts(cfg, tokenizer, run_dir, prompt_len, count), "val"
+        from mtp_jax.data.build import dataset_folder
+
+        return document_starts(dataset_folder(cfg, tokenizer, run_dir), prompt_len, count), "val"
     except (ImportError, OSError) as err:
         print(f"held-out data unavailable ({type(err).__name__}: {err}); using random prompts", file=sys.stderr)
         ids = np.setdiff1d(np.arange(min(cfg.model.vocab_size, 256)), [tokenizer.eot_id])

@@ -294,7 +294,8 @@ def _build_cache(data_cfg: DataConfig, tokenizer: Tokenizer, folder: Path) -> No
 
 def dataset_folder(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> Path:
     """The prepared folder a run reads: data.path, or the on-the-fly cache (built on first use).
-    Records its manifest as RUN_DIR/data_manifest.json."""
+    Records its manifest as RUN_DIR/data_manifest.json. A run resolves it once and hands the folder
+    to what reads it (pipeline.py's windows, store.py's counts): one build, one check per run."""
     run_dir = Path(run_dir)
     if cfg.data.source == "prepared":
         folder = Path(cfg.data.path)

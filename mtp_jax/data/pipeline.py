@@ -9,8 +9,10 @@ loss trains head i at position t only where segment_ids[t] == segment_ids[t+i] !
 predicts across a document boundary or onto padding. `build.pack` lays documents out so when the
 store is written, and serves as the reference the lazy reader is tested against.
 
-Where the stream lives: the last stage of the data layer reads the prepared token store
-(store.py) that `build.dataset_folder` names: mtp-prepare's OUT_DIR, or the run's on-the-fly cache.
+Where the stream lives: the last stage of the data layer reads a prepared token store (store.py)
+in the folder its caller gives: the one `build.dataset_folder` resolves once per run (mtp-prepare's
+OUT_DIR, or the run's on-the-fly cache), so reading windows never builds a store or checks it
+against the config.
 
 Determinism: global batch s holds positions [s*B, (s+1)*B) of an endless stream of window
 indices, each epoch a fresh Grain shuffle seeded by data.shuffle_seed; process p of P keeps rows
@@ -28,7 +30,7 @@ import grain
 import numpy as np
 
 from mtp_jax.config import Config, ConfigError
-from mtp_jax.data import build, store
+from mtp_jax.data import store
 from mtp_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -62,14 +64,9 @@ class Windows:
         return {"tokens": tokens, "segment_ids": segments.astype(np.int32)}
 
 
-def split_stream(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path, split: str) -> store.SplitStream:
-    """A split's token stream ('train' or 'val') in the store the run reads (built on first use)."""
-    return store.SplitStream(build.dataset_folder(cfg, tokenizer, run_dir), split)
-
-
-def split_windows(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path, split: str) -> Windows:
-    """All windows of a split, in stream order."""
-    return Windows(split_stream(cfg, tokenizer, run_dir, split), cfg.train.seq_len, cfg.model.mtp_heads, tokenizer.eot_id)
+def split_windows(cfg: Config, tokenizer: Tokenizer, folder: str | Path, split: str) -> Windows:
+    """All windows of a split ('train' or 'val') of the prepared store in `folder`, in stream order."""
+    return Windows(store.SplitStream(folder, split), cfg.train.seq_len, cfg.model.mtp_heads, tokenizer.eot_id)
 
 
 def local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -135,28 +132,23 @@ class TrainIterator(Iterator[Batch]):
         self._it = None
 
 
-def make_train_iterator(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path,
+def make_train_iterator(cfg: Config, tokenizer: Tokenizer, folder: str | Path,
                         process_index: int = 0, process_count: int = 1) -> TrainIterator:
     """This process's rows of the global training batches: {'tokens', 'segment_ids'} int32 [B/P, T + n]."""
     rows = local_rows(cfg.train.batch_size, process_index, process_count)
-    windows = split_windows(cfg, tokenizer, run_dir, "train")
+    windows = split_windows(cfg, tokenizer, folder, "train")
     ids = grain.MapDataset.range(len(windows)).shuffle(seed=cfg.data.shuffle_seed).repeat()
     return TrainIterator(ids.batch(cfg.train.batch_size).map(_LocalBatch(windows, rows)), cfg.data.worker_count)
 
 
-def make_eval_batches(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path, num_batches: int,
+def make_eval_batches(cfg: Config, tokenizer: Tokenizer, folder: str | Path, num_batches: int,
                       process_index: int = 0, process_count: int = 1) -> list[Batch]:
     """This process's rows of the first `num_batches` global batches of validation windows, in order.
 
     A short split gives fewer batches, at least one, padded with segment-0 rows.
     """
     rows = local_rows(cfg.train.batch_size, process_index, process_count)
-    windows = split_windows(cfg, tokenizer, run_dir, "val")
+    windows = split_windows(cfg, tokenizer, folder, "val")
     size = cfg.train.batch_size
     count = max(1, min(num_batches, len(windows) // size))
     return [windows.rows(np.arange(b * size, (b + 1) * size)[rows]) for b in range(count)]
-
-
-def corpus_stats(cfg: Config, tokenizer: Tokenizer, run_dir: str | Path) -> dict:
-    """What preparation counted in the store the run reads (`store.corpus_stats`)."""
-    return store.corpus_stats(build.dataset_folder(cfg, tokenizer, run_dir), tokenizer.vocab_size)

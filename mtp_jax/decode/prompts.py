@@ -11,12 +11,13 @@ import numpy as np
 from mtp_jax.config import ConfigError
 
 
-def document_starts(cfg: Any, tokenizer: Any, run_dir: str | Path, length: int, count: int) -> np.ndarray:
-    """(count, length) ids: the first `length` tokens of the first `count` val documents that
-    long. No prompt crosses a document boundary (decoding masks none) or starts mid-document."""
-    from mtp_jax.data.pipeline import split_stream
+def document_starts(data_dir: str | Path, length: int, count: int) -> np.ndarray:
+    """(count, length) ids: the first `length` tokens of the first `count` val documents that long, in
+    the prepared store in `data_dir` (`build.dataset_folder`). No prompt crosses a document boundary
+    (decoding masks none) or starts mid-document."""
+    from mtp_jax.data import store
 
-    stream = split_stream(cfg, tokenizer, run_dir, "val")
+    stream = store.SplitStream(data_dir, "val")
     long_enough = itertools.islice((start for start, end in stream.documents() if end - 1 - start >= length), count)
     starts = list(long_enough)
     if len(starts) < count:
@@ -28,7 +29,7 @@ def document_starts(cfg: Any, tokenizer: Any, run_dir: str | Path, length: int, 
 SAMPLE_SAMPLING = (0.8, 0.95)  # (temperature, top-p) of the sampled completion: the paper's code-eval settings
 
 
-def print_sample_completion(cfg: Any, tokenizer: Any, run_dir: str | Path, params: Any,
+def print_sample_completion(cfg: Any, tokenizer: Any, data_dir: str | Path, params: Any,
                             prompt_len: int = 24, new_tokens: int = 48, seed: int = 0) -> list[int]:
     """Prints head 1's greedy completion of the first held-out document start and one sampled
     completion beside it (the end of training shows what the model learned in words, not only
@@ -39,7 +40,7 @@ def print_sample_completion(cfg: Any, tokenizer: Any, run_dir: str | Path, param
     from mtp_jax.model.transformer import MTP
 
     try:
-        prompt = document_starts(cfg, tokenizer, run_dir, prompt_len, 1)[0].tolist()
+        prompt = document_starts(data_dir, prompt_len, 1)[0].tolist()
     except ConfigError:
         return []
     temperature, top_p = SAMPLE_SAMPLING

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from mtp_jax.data.build import dataset_folder
 from mtp_jax.evals.heldout import heldout_report
 from mtp_jax.run import restore_run
 
@@ -15,5 +16,6 @@ def evaluate_run(run_dir: str | Path, batches: int | None = None) -> dict:
     cfg = run.built.cfg
     if batches:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_batches=batches))
-    return heldout_report(cfg, run.built.fns.eval_step, run.params, run.tokenizer, Path(run_dir), run.step)
+    data_dir = dataset_folder(cfg, run.tokenizer, run_dir)
+    return heldout_report(cfg, run.built.fns.eval_step, run.params, run.tokenizer, data_dir, Path(run_dir), run.step)
 

@@ -61,16 +61,17 @@ def flat_metrics(result: dict) -> dict[str, float]:
 
 
 def heldout_report(
-    cfg: Any, eval_step: Callable, params: Any, tokenizer: Any, run_dir: Path, step: int, final: bool = False,
-    place: Callable[[dict], Any] = lambda b: b, process: tuple[int, int] = (0, 1),
+    cfg: Any, eval_step: Callable, params: Any, tokenizer: Any, data_dir: Path, run_dir: Path, step: int,
+    final: bool = False, place: Callable[[dict], Any] = lambda b: b, process: tuple[int, int] = (0, 1),
 ) -> dict:
-    """Evaluates the held-out split, adds the unigram baseline, prints the table and writes the result
-    record to RUN_DIR/evals/heldout/step_<step>.json (and, for training's `final` evaluation, eval.json)."""
-    from mtp_jax.data import pipeline
+    """Evaluates the held-out split of the prepared store in `data_dir` (`build.dataset_folder`, resolved by
+    the caller), adds the unigram baseline, prints the table and writes the result record to
+    RUN_DIR/evals/heldout/step_<step>.json (and, for training's `final` evaluation, eval.json)."""
+    from mtp_jax.data import pipeline, store
     from mtp_jax.evals.results import make_record, write_json_atomic, write_result
 
-    batches = pipeline.make_eval_batches(cfg, tokenizer, run_dir, cfg.train.eval_batches, *process)
-    stats = pipeline.corpus_stats(cfg, tokenizer, run_dir)
+    batches = pipeline.make_eval_batches(cfg, tokenizer, data_dir, cfg.train.eval_batches, *process)
+    stats = store.corpus_stats(data_dir, tokenizer.vocab_size)
     result = evaluate(eval_step, params, (place(b) for b in batches), cfg.model.mtp_heads, stats["val_bytes_per_token"])
     result["unigram_baseline"] = stats["unigram_baseline"]
     result["step"] = step
