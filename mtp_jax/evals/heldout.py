@@ -22,18 +22,10 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Any], n_heads: 
     if count == 0:
         raise ValueError("no evaluation batches")
     mean = {k: v / count for k, v in sums.items()}
-    heads = []
-    for i in range(1, n_heads + 1):
-        loss = mean[f"loss/head_{i}"]
-        heads.append(
-            {
-                "head": i,
-                "loss": loss,
-                "perplexity": math.exp(min(loss, 50.0)),
-                "bits_per_byte": loss / math.log(2) / bytes_per_token,
-                "accuracy": mean[f"accuracy/head_{i}"],
-            }
-        )
+    losses = {i: mean[f"loss/head_{i}"] for i in range(1, n_heads + 1)}
+    heads = [{"head": i, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+              "bits_per_byte": loss / math.log(2) / bytes_per_token, "accuracy": mean[f"accuracy/head_{i}"]}
+             for i, loss in losses.items()]
     return {"loss": mean["loss"], "heads": heads, "batches": count}
 
 
