@@ -149,13 +149,21 @@ def _int_env(env: Mapping[str, str], name: str, default: int | None = None) -> i
 
 def _cluster_clues(env: Mapping[str, str]) -> str:
     """The variables that made this process look like part of a cluster, for the error that names them."""
-    clues = [f"{k}={env[k]}" for k in sorted(env) if k in _TPU_ENV or k.startswith("MEGASCALE_") or k == "SLURM_NTASKS"]
+    clues = [f"{k}={env[k]}" for k in sorted(env) if _announces_tpu(env, k) or k == "SLURM_NTASKS"]
     return ", ".join(clues) or "TPU chips on this host"
+
+
+def _announces_tpu(env: Mapping[str, str], key: str) -> bool:
+    """libtpu, loaded for ahead-of-time compilation on a host without chips, writes a warning sentence into
+    CLOUD_TPU_TASK_ID (C-level setenv, inherited by every child process): only a task number announces a task."""
+    if key == "CLOUD_TPU_TASK_ID":
+        return env[key].strip().isdigit()
+    return (key in _TPU_ENV and bool(env[key])) or key.startswith("MEGASCALE_")
 
 
 def _on_cloud_tpu(env: Mapping[str, str]) -> bool:
     """GKE/multislice TPUs announce themselves in the environment; a plain TPU VM only has its chips."""
-    if any(env.get(k) for k in _TPU_ENV) or any(k.startswith("MEGASCALE_") for k in env):
+    if any(_announces_tpu(env, k) for k in env):
         return True
     try:  # reads /sys, does not start a backend; private, so tolerate its absence
         from jax._src.hardware_utils import num_available_tpu_chips_and_device_id

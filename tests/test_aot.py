@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,24 @@ def test_cpu_host_with_libtpu_starts_quietly():
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "cpu"
     assert proc.stderr == "", proc.stderr
+
+
+def test_trainers_started_after_a_tpu_compile_run_alone():
+    """libtpu writes a warning sentence into CLOUD_TPU_TASK_ID of the compiling process (below Python's
+    os.environ, so every child inherits it): a trainer started from such a process must not go looking
+    for a cluster."""
+    script = textwrap.dedent("""
+        import subprocess, sys
+        from jax.experimental import topologies
+        topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1")
+        child = ("import os; from mtp_jax import distributed; from mtp_jax.config import DistributedConfig;"
+                 "print(repr(os.environ.get('CLOUD_TPU_TASK_ID')), distributed.init_args(DistributedConfig()))")
+        print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    leaked, args = proc.stdout.strip().rsplit(" ", 1)
+    assert "TPU_WORKER_ID" in leaked and args == "None", proc.stdout
 
 
 @pytest.mark.skipif(not platforms.has_cuda_plugin(),

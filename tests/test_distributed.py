@@ -140,6 +140,11 @@ def test_clusters_jax_detects_get_no_addresses(env: dict) -> None:
     assert args == {"initialization_timeout": 300, "heartbeat_timeout_seconds": 60}
 
 
+def test_libtpu_warning_in_the_task_id_is_no_cluster() -> None:
+    env = {"CLOUD_TPU_TASK_ID": "WARNING: could not determine TPU worker number, please set env var `TPU_WORKER_ID`"}
+    assert distributed.init_args(DistributedConfig(), env=env) is None
+
+
 def test_announced_cluster_without_a_coordinator_is_one_line(tmp_path: Path) -> None:
     """A stray SLURM_NTASKS (a shell inside a multi-task allocation) makes JAX look for a coordinator that
     no one set: one line naming the variable, exit 2, nothing written."""
